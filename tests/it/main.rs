@@ -1,0 +1,1 @@
+//! Integration tests: one binary of modules, against a real Mosquitto and fake providers.
