@@ -76,9 +76,7 @@ impl Cost {
             .iter()
             .map(|m| (m.content.len() as u64).div_ceil(BYTES_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS)
             .sum();
-        let answer = request
-            .max_tokens
-            .map_or(DEFAULT_MAX_TOKENS, u64::from);
+        let answer = request.max_tokens.map_or(DEFAULT_MAX_TOKENS, u64::from);
         Cost {
             requests: 1,
             tokens: prompt.saturating_add(answer),
@@ -184,7 +182,10 @@ pub enum RestoreError {
 }
 
 /// Reads one persisted row.
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(id: &str, bytes: &[u8]) -> Result<T, RestoreError> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    id: &str,
+    bytes: &[u8],
+) -> Result<T, RestoreError> {
     serde_json::from_slice(bytes).map_err(|source| RestoreError::Corrupt {
         id: id.to_owned(),
         source,
@@ -408,7 +409,8 @@ fn take_from(slots: &mut BTreeMap<i64, Cost>, slot: i64, cost: Cost) {
 
 /// Moves every slot at or after `from` into `to` (usage recorded under a wrong clock
 /// is dated at the instant the clock became right: never earlier than it really was).
-fn move_slots(slots: &mut BTreeMap<i64, Cost>, from: i64, to: i64) -> bool {
+/// Returns the slots moved.
+fn move_slots(slots: &mut BTreeMap<i64, Cost>, from: i64, to: i64) -> Vec<i64> {
     let moved: Vec<(i64, Cost)> = slots
         .range(from..)
         .filter(|(slot, _)| **slot < to)
@@ -418,7 +420,7 @@ fn move_slots(slots: &mut BTreeMap<i64, Cost>, from: i64, to: i64) -> bool {
         slots.remove(slot);
         add_to(slots, to, *cost);
     }
-    !moved.is_empty()
+    moved.into_iter().map(|(slot, _)| slot).collect()
 }
 
 /// Rebases slots persisted with another slot width: each old slot goes into the new
@@ -673,7 +675,8 @@ impl Budget {
             .copied()
             .filter(|slot| self.minute_live(*slot, view))
             .collect();
-        self.minute.retain(|slot, _| live.binary_search(slot).is_ok());
+        self.minute
+            .retain(|slot, _| live.binary_search(slot).is_ok());
         if view.synced && self.unsynced_since.is_none() {
             let live: Vec<i64> = self
                 .day
@@ -695,18 +698,20 @@ impl Budget {
     fn redate(&mut self, since: i64, now: i64) {
         let (m_from, m_to) = (minute_slot(since), minute_slot(now));
         let (d_from, d_to) = (day_slot(since), day_slot(now));
-        let moved = move_slots(&mut self.minute, m_from, m_to);
-        let moved = moved | move_slots(&mut self.day, d_from, d_to);
+        let minute = move_slots(&mut self.minute, m_from, m_to);
+        let day = move_slots(&mut self.day, d_from, d_to);
+        // Requests in flight follow their usage; one whose slot has already left the
+        // window has nothing to follow (and must not take from the slot it would land in).
         for (_, m, d) in self.open.values_mut() {
-            if *m >= m_from && *m < m_to {
+            if minute.contains(m) {
                 *m = m_to;
             }
-            if *d >= d_from && *d < d_to {
+            if day.contains(d) {
                 *d = d_to;
             }
         }
         self.unsynced_since = None;
-        self.dirty |= moved;
+        self.dirty |= !minute.is_empty() || !day.is_empty();
     }
 
     /// The persisted form: with `lease`, the unused lease is counted as spent at its
@@ -715,7 +720,11 @@ impl Budget {
         let mut minute = self.minute.clone();
         let mut day = self.day.clone();
         if lease && self.lease_valid(latest) {
-            add_to(&mut minute, minute_slot(self.lease.expires), self.lease.left);
+            add_to(
+                &mut minute,
+                minute_slot(self.lease.expires),
+                self.lease.left,
+            );
             add_to(&mut day, day_slot(self.lease.expires), self.lease.left);
         }
         BudgetRow {
@@ -771,7 +780,8 @@ impl Ledger {
         for provider in &config.providers {
             for (model, limits) in &provider.models {
                 for key in &provider.keys {
-                    let id = BudgetId::new(&provider.name, &key.label, key.account.as_deref(), model);
+                    let id =
+                        BudgetId::new(&provider.name, &key.label, key.account.as_deref(), model);
                     budgets
                         .entry(id.clone())
                         .or_insert_with(|| Budget::new(*limits, provider.daily_reset.clone()));
@@ -913,9 +923,6 @@ impl Ledger {
             };
             take_from(&mut b.minute, m, back);
             take_from(&mut b.day, d, back);
-            if b.lease_valid(now) {
-                b.lease.left = b.lease.left.plus(back);
-            }
             false
         } else {
             // Providers count tokens when they admit a request: charge the excess where
@@ -946,19 +953,16 @@ impl Ledger {
     /// Gives a reservation back whole: the request never reached the provider, or the
     /// provider refused it without counting it (a 429). Releasing twice does nothing.
     pub fn release(&mut self, reservation: &Reservation) {
-        let now = self.latest;
         let Some(b) = self.budgets.get_mut(&reservation.budget) else {
             return;
         };
         let Some((charged, m, d)) = b.open.remove(&reservation.id) else {
             return;
         };
+        // Not back into the lease: on disk this cost sits in its own, earlier slot,
+        // which leaves the window before a request drawn from the lease later would.
         take_from(&mut b.minute, m, charged);
         take_from(&mut b.day, d, charged);
-        // Back into the lease: what is on disk already covers drawing on it again.
-        if b.lease_valid(now) {
-            b.lease.left = b.lease.left.plus(charged);
-        }
         b.dirty = true;
     }
 
@@ -1114,7 +1118,11 @@ impl Ledger {
     }
 
     /// When the oldest usage counted in `budget`'s minute window stops counting.
-    pub fn oldest_minute_usage_leaves(&self, budget: &BudgetId, now: Timestamp) -> Option<Timestamp> {
+    pub fn oldest_minute_usage_leaves(
+        &self,
+        budget: &BudgetId,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
         let b = self.budgets.get(budget)?;
         let now = self.effective(now);
         b.minute
@@ -1159,7 +1167,12 @@ impl Ledger {
 
     /// When `budget`'s day window is spent (no room for one more request or token):
     /// the instant it frees; `None` while it is not spent.
-    pub fn day_spent_until(&self, budget: &BudgetId, now: Timestamp, synced: bool) -> Option<Timestamp> {
+    pub fn day_spent_until(
+        &self,
+        budget: &BudgetId,
+        now: Timestamp,
+        synced: bool,
+    ) -> Option<Timestamp> {
         let b = self.budgets.get(budget)?;
         let view = b.view(self.effective(now), synced);
         let mut until: Option<Timestamp> = None;
@@ -1251,7 +1264,9 @@ impl Ledger {
 /// `Serialize`, so encoding cannot fail; were it ever to, the row is left out and its
 /// owner stays dirty, so it is tried again rather than lost.
 pub(crate) fn encode<T: Serialize>(id: &str, row: &T) -> Option<(String, Vec<u8>)> {
-    serde_json::to_vec(row).ok().map(|bytes| (id.to_owned(), bytes))
+    serde_json::to_vec(row)
+        .ok()
+        .map(|bytes| (id.to_owned(), bytes))
 }
 
 #[cfg(test)]
@@ -1295,10 +1310,7 @@ pub(crate) mod tests {
             base_url: "http://127.0.0.1:9".to_owned(),
             daily_reset: reset,
             timeout: Duration::from_secs(60),
-            models: models
-                .iter()
-                .map(|(m, l)| ((*m).to_owned(), *l))
-                .collect(),
+            models: models.iter().map(|(m, l)| ((*m).to_owned(), *l)).collect(),
             keys: keys
                 .iter()
                 .map(|(label, account)| KeyConfig {
@@ -1440,7 +1452,10 @@ pub(crate) mod tests {
             requests: 1,
             tokens: 101,
         };
-        assert_eq!(l.room(&b, big, at("2026-01-01T00:00:00Z"), true), Room::Never);
+        assert_eq!(
+            l.room(&b, big, at("2026-01-01T00:00:00Z"), true),
+            Room::Never
+        );
     }
 
     #[test]
@@ -1470,7 +1485,10 @@ pub(crate) mod tests {
         assert!(l.reserve(&b, REQ, t0, true).is_ok());
         let midnight = at("2026-01-01T08:00:00Z");
         assert_eq!(l.next_daily_reset(&b, t0), Some(midnight));
-        assert_eq!(l.room(&b, REQ, at("2026-01-01T07:59:00Z"), true), Room::At(midnight));
+        assert_eq!(
+            l.room(&b, REQ, at("2026-01-01T07:59:00Z"), true),
+            Room::At(midnight)
+        );
         assert!(l.reserve(&b, REQ, midnight, true).is_ok());
         assert_eq!(
             l.room(&b, REQ, midnight, true),
@@ -1502,7 +1520,10 @@ pub(crate) mod tests {
 
     #[test]
     fn settle_replaces_the_token_estimate_and_release_gives_all_back() {
-        let (mut l, b) = one(limits(Some(10), None, Some(1000), None), DailyReset::Rolling);
+        let (mut l, b) = one(
+            limits(Some(10), None, Some(1000), None),
+            DailyReset::Rolling,
+        );
         let t = at("2026-01-01T00:00:00Z");
         let cost = Cost {
             requests: 1,
@@ -1520,20 +1541,56 @@ pub(crate) mod tests {
         );
         // 100 used: 900 left.
         assert_eq!(
-            l.room(&b, Cost { requests: 1, tokens: 900 }, t, true),
+            l.room(
+                &b,
+                Cost {
+                    requests: 1,
+                    tokens: 900
+                },
+                t,
+                true
+            ),
             Room::Now
         );
-        assert!(l.room(&b, Cost { requests: 1, tokens: 901 }, t, true) != Room::Now);
+        assert!(
+            l.room(
+                &b,
+                Cost {
+                    requests: 1,
+                    tokens: 901
+                },
+                t,
+                true
+            ) != Room::Now
+        );
         // Settling twice changes nothing.
         l.settle(&r, Usage::default(), t);
         let r2 = l.reserve(&b, cost, t, true).expect("fits");
         l.release(&r2);
         l.release(&r2);
         assert_eq!(
-            l.room(&b, Cost { requests: 1, tokens: 900 }, t, true),
+            l.room(
+                &b,
+                Cost {
+                    requests: 1,
+                    tokens: 900
+                },
+                t,
+                true
+            ),
             Room::Now
         );
-        assert!(l.room(&b, Cost { requests: 1, tokens: 901 }, t, true) != Room::Now);
+        assert!(
+            l.room(
+                &b,
+                Cost {
+                    requests: 1,
+                    tokens: 901
+                },
+                t,
+                true
+            ) != Room::Now
+        );
     }
 
     fn groq_limits() -> ModelLimits {
@@ -1565,12 +1622,18 @@ pub(crate) mod tests {
             tokens: 600,
         };
         assert_eq!(l.room(&b, small, t, true), Room::Now);
-        assert_eq!(l.room(&b, big, t, true), Room::At(at("2026-01-01T00:00:05Z")));
+        assert_eq!(
+            l.room(&b, big, t, true),
+            Room::At(at("2026-01-01T00:00:05Z"))
+        );
         // The minute's requests are untouched: 30 fit in a minute... but only 10 today.
         for _ in 0..10 {
             assert!(l.reserve(&b, REQ, t, true).is_ok());
         }
-        assert_eq!(l.reserve(&b, REQ, t, true), Err(Room::At(at("2026-01-01T00:02:00Z"))));
+        assert_eq!(
+            l.reserve(&b, REQ, t, true),
+            Err(Room::At(at("2026-01-01T00:02:00Z")))
+        );
     }
 
     #[test]
@@ -1651,7 +1714,10 @@ pub(crate) mod tests {
         l.observe(later, true);
         assert_eq!(l.remaining_today(&b, later, true).rpd, Some(1));
         assert!(l.reserve(&b, REQ, later, true).is_ok());
-        assert!(matches!(l.reserve(&b, REQ, later + secs(120), true), Err(Room::At(_))));
+        assert!(matches!(
+            l.reserve(&b, REQ, later + secs(120), true),
+            Err(Room::At(_))
+        ));
         let next_day = at("2026-01-06T00:05:00Z");
         assert!(l.reserve(&b, REQ, next_day, true).is_ok());
     }
@@ -1671,10 +1737,7 @@ pub(crate) mod tests {
         let t0 = at("2026-01-01T01:00:00Z");
         assert!(l.reserve(&b, REQ, t0, true).is_ok());
         let back = at("2026-01-01T00:00:00Z");
-        assert_eq!(
-            l.reserve(&b, REQ, back, true),
-            Err(Room::At(t0 + secs(61)))
-        );
+        assert_eq!(l.reserve(&b, REQ, back, true), Err(Room::At(t0 + secs(61))));
         assert!(l.reserve(&b, REQ, t0 + secs(61), true).is_ok());
     }
 
@@ -1724,7 +1787,15 @@ pub(crate) mod tests {
         let t = at("2026-01-01T00:00:00Z");
         for _ in 0..4 {
             let r = l
-                .reserve(&b, Cost { requests: 1, tokens: 100 }, t, true)
+                .reserve(
+                    &b,
+                    Cost {
+                        requests: 1,
+                        tokens: 100,
+                    },
+                    t,
+                    true,
+                )
                 .expect("fits");
             l.settle(
                 &r,
@@ -1782,9 +1853,13 @@ pub(crate) mod tests {
         let before = l.remaining_today(&b, crash, true);
         let now = after.remaining_today(&b, crash, true);
         assert!(now.rpd <= before.rpd, "{now:?} vs {before:?}");
-        assert!(after.minute_fraction_left(&b, crash, true) <= l.minute_fraction_left(&b, crash, true));
+        assert!(
+            after.minute_fraction_left(&b, crash, true) <= l.minute_fraction_left(&b, crash, true)
+        );
         // The first reservation after a restore takes a new lease, committed first.
-        let r = after.reserve(&b, REQ, crash + secs(120), true).expect("fits");
+        let r = after
+            .reserve(&b, REQ, crash + secs(120), true)
+            .expect("fits");
         assert!(r.needs_commit);
     }
 
@@ -1865,9 +1940,15 @@ pub(crate) mod tests {
             before.remaining_today(b, now, synced),
         );
         assert!(a.rpd <= c.rpd && a.tpd <= c.tpd, "{a:?} > {c:?}");
-        assert!(after.minute_fraction_left(b, now, synced) <= before.minute_fraction_left(b, now, synced));
+        assert!(
+            after.minute_fraction_left(b, now, synced)
+                <= before.minute_fraction_left(b, now, synced)
+        );
         for tokens in [1, 50, 200] {
-            let cost = Cost { requests: 1, tokens };
+            let cost = Cost {
+                requests: 1,
+                tokens,
+            };
             if after.room(b, cost, now, synced) == Room::Now {
                 assert_eq!(before.room(b, cost, now, synced), Room::Now);
             }
@@ -1883,11 +1964,15 @@ pub(crate) mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
         #[test]
-        fn budget_is_never_handed_out_twice(ops in proptest::collection::vec(op(), 1..120)) {
-            let (mut l, b) = one(prop_limits(), DailyReset::Rolling);
+        fn budget_is_never_handed_out_twice(
+            ops in proptest::collection::vec(op(), 1..120),
+            zoned in any::<bool>(),
+        ) {
+            let reset = || if zoned { zone("America/Los_Angeles") } else { DailyReset::Rolling };
+            let (mut l, b) = one(prop_limits(), reset());
             let mut clock = at("2026-03-01T12:00:00Z");
             let mut synced = true;
             // The ledger has seen no time yet: the first instant it is given counts.
@@ -1935,10 +2020,10 @@ pub(crate) mod tests {
                             commit(&mut l, &mut disk, &mut floor);
                         }
                     }
-                    Op::Forward { ms } => clock = clock + SignedDurationMs(ms).get(),
+                    Op::Forward { ms } => clock += jiff::SignedDuration::from_millis(ms),
                     // The daemon's clock never runs back past the latest instant it
                     // committed; the ledger must cope with anything above that.
-                    Op::Backward { ms } => clock = (clock - SignedDurationMs(ms).get()).max(floor),
+                    Op::Backward { ms } => clock = (clock - jiff::SignedDuration::from_millis(ms)).max(floor),
                     Op::Sync(s) => {
                         synced = s;
                         l.observe(clock, synced);
@@ -1948,7 +2033,7 @@ pub(crate) mod tests {
                     }
                     Op::Commit => commit(&mut l, &mut disk, &mut floor),
                     Op::Crash => {
-                        let (mut restored, _) = one(prop_limits(), DailyReset::Rolling);
+                        let (mut restored, _) = one(prop_limits(), reset());
                         restored.restore(disk.clone()).expect("restores");
                         let now = latest.max(clock);
                         no_more_room(&restored, &l, &b, now, synced);
@@ -1966,7 +2051,7 @@ pub(crate) mod tests {
                 prop_assert!((0.0..=1.0).contains(&fraction));
                 // A snapshot taken now and restored never shows more room.
                 let mut copy = l.clone();
-                let (mut restored, _) = one(prop_limits(), DailyReset::Rolling);
+                let (mut restored, _) = one(prop_limits(), reset());
                 restored.restore(copy.snapshot_exact()).expect("restores");
                 no_more_room(&restored, &l, &b, now, synced);
             }
@@ -1974,18 +2059,16 @@ pub(crate) mod tests {
             for t in &counted {
                 let in_minute = counted.iter().filter(|u| **u >= *t && **u < t + MINUTE_WINDOW_MS).count();
                 prop_assert!(in_minute as u64 <= RPM, "{in_minute} requests within a minute");
-                let in_day = counted.iter().filter(|u| **u >= *t && **u < t + DAY_WINDOW_MS).count();
+                let in_day = if zoned {
+                    // Per local day.
+                    let tz = TimeZone::get("America/Los_Angeles").expect("zone");
+                    let day = |ms: i64| ts(ms).to_zoned_datetime(tz.clone()).date();
+                    counted.iter().filter(|u| day(**u) == day(*t)).count()
+                } else {
+                    counted.iter().filter(|u| **u >= *t && **u < t + DAY_WINDOW_MS).count()
+                };
                 prop_assert!(in_day as u64 <= RPD, "{in_day} requests within a day");
             }
-        }
-    }
-
-    /// Milliseconds as a jiff duration, for the property test's clock jumps.
-    struct SignedDurationMs(i64);
-
-    impl SignedDurationMs {
-        fn get(self) -> jiff::SignedDuration {
-            jiff::SignedDuration::from_millis(self.0)
         }
     }
 }

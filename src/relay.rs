@@ -32,6 +32,9 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 /// Longest sleep of a waiting task between looks at the keys, so that a key reset or a
 /// freed budget is noticed even without a wake-up.
 const WAIT_SLICE: Duration = Duration::from_secs(5);
+/// How long a call waits for another task's commit of the lease it draws on before it
+/// commits itself (group commits space fsyncs by `store::COMMIT_INTERVAL`).
+const LEASE_COMMIT_WAIT: Duration = Duration::from_secs(3);
 
 /// Counters since the daemon started (the health topic's `tasks`).
 #[derive(Debug, Default)]
@@ -76,6 +79,12 @@ pub struct Relay {
     /// Every task the relay spawns, so a stop can wait for them.
     tracker: TaskTracker,
     rotator: Mutex<Rotator>,
+    /// Bumped, under the rotator lock, whenever a reservation opens a new lease.
+    lease_version: AtomicU64,
+    /// The highest `lease_version` whose snapshot is on disk. A call is sent only once
+    /// this covers the lease its reservation drew on, whoever opened that lease: a crash
+    /// must never forget budget that reached a provider.
+    durable: watch::Sender<u64>,
     providers: HashMap<String, ProviderClient>,
     /// Each key's secret by label; `reset` reads the key file again.
     keys: Mutex<HashMap<String, Secret>>,
@@ -134,6 +143,8 @@ impl Relay {
             changes: watch::channel(0).0,
             tracker,
             rotator: Mutex::new(rotator),
+            lease_version: AtomicU64::new(0),
+            durable: watch::channel(0).0,
             providers,
             keys: Mutex::new(keys),
             waiting: AtomicUsize::new(0),
@@ -179,16 +190,41 @@ impl Relay {
 
     /// Writes what changed in the budgets and key states; `exact` on a clean stop.
     pub async fn persist(&self, exact: bool) -> Result<(), crate::store::CommitError> {
-        let rows = {
+        let (rows, version) = {
             let mut r = lock(&self.rotator);
-            if exact { r.snapshot_exact() } else { r.snapshot_dirty() }
+            let rows = if exact { r.snapshot_exact() } else { r.snapshot_dirty() };
+            (rows, self.lease_version.load(Ordering::SeqCst))
         };
         let batch = Batch {
             rows,
             latest_time_ms: Some(self.clock.now().as_millisecond()),
             ..Batch::default()
         };
-        self.commit(batch).await
+        self.commit(batch).await?;
+        self.durable.send_if_modified(|durable| {
+            let newer = version > *durable;
+            if newer {
+                *durable = version;
+            }
+            newer
+        });
+        Ok(())
+    }
+
+    /// Whether the leases up to `version` are on disk, committing them when nobody else
+    /// does within [`LEASE_COMMIT_WAIT`]. `false`: the store cannot record them.
+    async fn lease_durable(&self, version: u64, opened_it: bool) -> bool {
+        if *self.durable.borrow() >= version {
+            return true;
+        }
+        if !opened_it {
+            let mut durable = self.durable.subscribe();
+            let waited = tokio::time::timeout(LEASE_COMMIT_WAIT, durable.wait_for(|d| *d >= version)).await;
+            if matches!(waited, Ok(Ok(_))) {
+                return true;
+            }
+        }
+        self.persist(false).await.is_ok() && *self.durable.borrow() >= version
     }
 
     async fn commit(&self, batch: Batch) -> Result<(), crate::store::CommitError> {
@@ -437,10 +473,17 @@ impl Relay {
                 return Some(self.deadline_reply(task, received_at));
             }
             let synced = self.clock.synchronised();
-            let plan = lock(&self.rotator).plan(route, cost, &attempt, now, deadline, synced);
+            let (plan, lease) = {
+                let mut rotator = lock(&self.rotator);
+                let plan = rotator.plan(route, cost, &attempt, now, deadline, synced);
+                if matches!(&plan, Plan::Call(call) if call.needs_commit) {
+                    self.lease_version.fetch_add(1, Ordering::SeqCst);
+                }
+                (plan, self.lease_version.load(Ordering::SeqCst))
+            };
             match plan {
                 Plan::Call(call) => {
-                    if call.needs_commit && self.persist(false).await.is_err() {
+                    if !self.lease_durable(lease, call.needs_commit).await {
                         // Nothing is spent that the store cannot remember.
                         lock(&self.rotator).release(&call);
                         self.pause(STORE_RETRY, deadline).await?;

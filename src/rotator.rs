@@ -93,7 +93,9 @@ pub struct Call {
 pub enum Plan {
     Call(Call),
     /// No key of the route has room now, but one frees before the deadline.
-    Wait { until: Timestamp },
+    Wait {
+        until: Timestamp,
+    },
     /// No key frees before the deadline. `retry_after`: when the first key of the route
     /// frees up (`None`: none will by itself).
     Exhausted {
@@ -120,7 +122,10 @@ pub enum Next {
     TryNext,
     /// A transient failure: plan again after this delay (another key preferred).
     RetryAfter(Duration),
-    Fail { code: FailCode, message: String },
+    Fail {
+        code: FailCode,
+        message: String,
+    },
 }
 
 /// A state that ends by itself.
@@ -302,7 +307,13 @@ impl Rotator {
                 DailyReset::Zone { tz, .. } => Some(tz.clone()),
                 DailyReset::Rolling => None,
             };
-            providers.insert(p.name.clone(), ProviderInfo { keys: indexes, zone });
+            providers.insert(
+                p.name.clone(),
+                ProviderInfo {
+                    keys: indexes,
+                    zone,
+                },
+            );
         }
         Rotator {
             ledger: Ledger::new(config),
@@ -348,7 +359,14 @@ impl Rotator {
     }
 
     /// When this key can take `cost` for `model`.
-    fn availability(&self, key: &KeyInfo, model: &str, cost: Cost, now: Timestamp, synced: bool) -> Avail {
+    fn availability(
+        &self,
+        key: &KeyInfo,
+        model: &str,
+        cost: Cost,
+        now: Timestamp,
+        synced: bool,
+    ) -> Avail {
         let states = self.states.get(&key.label);
         if states.is_some_and(|s| s.disabled.is_some()) {
             return Avail::Never(Why::Disabled);
@@ -387,7 +405,13 @@ impl Rotator {
 
     /// Chooses among keys of one target with room: the most minute budget left, then
     /// the most day budget left, ties round-robin after the last one chosen.
-    fn pick(&self, target: &Target, candidates: &[usize], now: Timestamp, synced: bool) -> Option<usize> {
+    fn pick(
+        &self,
+        target: &Target,
+        candidates: &[usize],
+        now: Timestamp,
+        synced: bool,
+    ) -> Option<usize> {
         let provider = self.providers.get(&target.provider)?;
         let n = provider.keys.len().max(1);
         let last = self.cursor.get(target).copied();
@@ -486,7 +510,9 @@ impl Rotator {
         if choice.is_none()
             && let Some((t, failed)) = &fallback
         {
-            choice = self.pick(&route[*t], failed, now, synced).map(|pos| (*t, pos));
+            choice = self
+                .pick(&route[*t], failed, now, synced)
+                .map(|pos| (*t, pos));
         }
         if let Some((t, pos)) = choice {
             let target = &route[t];
@@ -602,7 +628,10 @@ impl Rotator {
                 ));
             }
             Failure::Rejected { status, detail } => {
-                self.ledger.release(&call.reservation);
+                // The request reached the provider, which may well have counted it
+                // against the key: keep it charged rather than risk believing in
+                // budget that is not there.
+                self.ledger.settle_estimated(&call.reservation);
                 self.ledger.learn(&budget, &outcome.headers, now);
                 return Next::Fail {
                     code: FailCode::UpstreamRejected,
@@ -623,17 +652,36 @@ impl Rotator {
                 retry_after,
                 scope,
                 detail,
-            } => self.rate_limited(call, &budget, *retry_after, *scope, detail, now, synced, jitter),
+            } => self.rate_limited(
+                call,
+                &budget,
+                *retry_after,
+                *scope,
+                detail,
+                now,
+                synced,
+                jitter,
+            ),
             Failure::TooLarge { .. } => {
                 let cost = call.reservation.cost().tokens;
                 let state = self.model_state_mut(&call.label, &call.model);
                 state.too_large = Some(state.too_large.map_or(cost, |t| t.min(cost)));
             }
             Failure::KeyRejected { status, detail } => {
-                self.disable(&call.label, format!("rejected by {} (HTTP {status}): {}", call.provider, short(detail)));
+                self.disable(
+                    &call.label,
+                    format!(
+                        "rejected by {} (HTTP {status}): {}",
+                        call.provider,
+                        short(detail)
+                    ),
+                );
             }
             Failure::QuotaGone { detail } => {
-                self.disable(&call.label, format!("quota gone at {}: {}", call.provider, short(detail)));
+                self.disable(
+                    &call.label,
+                    format!("quota gone at {}: {}", call.provider, short(detail)),
+                );
             }
             Failure::Rejected { .. } | Failure::Transient { .. } => {}
         }
@@ -716,7 +764,10 @@ impl Rotator {
             } else {
                 &mut state.cooling
             };
-            let until = later(slot.as_ref().filter(|h| h.until > now).map(|h| h.until), hold_until);
+            let until = later(
+                slot.as_ref().filter(|h| h.until > now).map(|h| h.until),
+                hold_until,
+            );
             *slot = Some(Hold {
                 until,
                 reason: reason.clone(),
@@ -748,7 +799,12 @@ impl Rotator {
         } else {
             1
         };
-        let delay = backoff(PROVIDER_BACKOFF_BASE, PROVIDER_BACKOFF_CAP, state.backoff.level, jitter);
+        let delay = backoff(
+            PROVIDER_BACKOFF_BASE,
+            PROVIDER_BACKOFF_CAP,
+            state.backoff.level,
+            jitter,
+        );
         state.backoff.until = Some(add(now, delay));
         state.backoff.last_burst = Some(now);
         state.refusals.clear();
@@ -777,7 +833,8 @@ impl Rotator {
                 p.keys.iter().any(|i| {
                     let key = &self.keys[*i];
                     key.models.contains(&target.model)
-                        && self.availability(key, &target.model, MIN_COST, now, synced) == Avail::Now
+                        && self.availability(key, &target.model, MIN_COST, now, synced)
+                            == Avail::Now
                 })
             })
         })
@@ -795,7 +852,8 @@ impl Rotator {
         let mut remaining = BTreeMap::new();
         let mut fraction: f64 = 1.0;
         // (rank, until, reason) of the worst state so far.
-        let mut worst: (KeyState, Option<Timestamp>, Option<String>) = (KeyState::Ready, None, None);
+        let mut worst: (KeyState, Option<Timestamp>, Option<String>) =
+            (KeyState::Ready, None, None);
         let rank = |s: KeyState| match s {
             KeyState::Ready => 0,
             KeyState::Cooling => 1,
@@ -813,15 +871,28 @@ impl Rotator {
             let Some(budget) = self.ledger.budget_for(&key.label, model) else {
                 continue;
             };
-            remaining.insert(model.clone(), self.ledger.remaining_today(budget, now, synced));
+            remaining.insert(
+                model.clone(),
+                self.ledger.remaining_today(budget, now, synced),
+            );
             fraction = fraction.min(self.ledger.day_fraction_left(budget, now, synced));
             let state = self.model_state(&key.label, model);
-            if let Some(h) = state.and_then(|s| s.exhausted.as_ref()).filter(|h| h.until > now) {
+            if let Some(h) = state
+                .and_then(|s| s.exhausted.as_ref())
+                .filter(|h| h.until > now)
+            {
                 consider(KeyState::Exhausted, h.until, h.reason.clone());
             } else if let Some(t) = self.ledger.day_spent_until(budget, now, synced) {
-                consider(KeyState::Exhausted, t, format!("today's budget for {model} is spent"));
+                consider(
+                    KeyState::Exhausted,
+                    t,
+                    format!("today's budget for {model} is spent"),
+                );
             }
-            if let Some(h) = state.and_then(|s| s.cooling.as_ref()).filter(|h| h.until > now) {
+            if let Some(h) = state
+                .and_then(|s| s.cooling.as_ref())
+                .filter(|h| h.until > now)
+            {
                 consider(KeyState::Cooling, h.until, h.reason.clone());
             }
         }
@@ -832,10 +903,11 @@ impl Rotator {
                 format!("{} refused many keys at once: backing off", key.provider),
             );
         }
-        let (state, until, reason) = match self.states.get(&key.label).and_then(|s| s.disabled.clone()) {
-            Some(reason) => (KeyState::Disabled, None, Some(reason)),
-            None => worst,
-        };
+        let (state, until, reason) =
+            match self.states.get(&key.label).and_then(|s| s.disabled.clone()) {
+                Some(reason) => (KeyState::Disabled, None, Some(reason)),
+                None => worst,
+            };
         KeyReport {
             label: key.label.clone(),
             provider: key.provider.clone(),
@@ -971,7 +1043,10 @@ impl Rotator {
             },
         })?;
         for (label, mut states) in keys {
-            let models = self.key(&label).map(|k| k.models.clone()).unwrap_or_default();
+            let models = self
+                .key(&label)
+                .map(|k| k.models.clone())
+                .unwrap_or_default();
             states.models.retain(|m, _| models.contains(m));
             self.states.insert(label, states);
         }
@@ -1079,14 +1154,12 @@ mod tests {
 
     #[test]
     fn shared_accounts_give_no_extra_capacity() {
-        let mut r = Rotator::new(&config(vec![
-            provider(
-                "groq",
-                DailyReset::Rolling,
-                &[("llama", limits(Some(2), None, None, None))],
-                &[("a1", Some("acct")), ("a2", Some("acct"))],
-            ),
-        ]));
+        let mut r = Rotator::new(&config(vec![provider(
+            "groq",
+            DailyReset::Rolling,
+            &[("llama", limits(Some(2), None, None, None))],
+            &[("a1", Some("acct")), ("a2", Some("acct"))],
+        )]));
         let now = at("2026-01-01T00:00:00Z");
         let route = vec![target("groq", "llama")];
         let first = call(&mut r, &route, now);
@@ -1138,7 +1211,9 @@ mod tests {
         assert_eq!(state_of(&r, "g1", now + secs(20)).state, KeyState::Ready);
         // The cooldown ended by itself: g1 serves again.
         let later = now + secs(20);
-        let labels: Vec<String> = (0..3).map(|_| call(&mut r, &route(), later).label).collect();
+        let labels: Vec<String> = (0..3)
+            .map(|_| call(&mut r, &route(), later).label)
+            .collect();
         assert!(labels.contains(&"g1".to_owned()), "{labels:?}");
     }
 
@@ -1148,7 +1223,14 @@ mod tests {
         let now = at("2026-01-01T00:00:00Z");
         let c = call(&mut r, &route(), now);
         let mut attempt = Attempt::new();
-        r.record(&c, &limited(None, LimitScope::Minute), &mut attempt, now, true, 0.5);
+        r.record(
+            &c,
+            &limited(None, LimitScope::Minute),
+            &mut attempt,
+            now,
+            true,
+            0.5,
+        );
         let until = state_of(&r, &c.label, now).until.expect("until");
         assert!(until >= now + MIN_COOLDOWN && until <= now + MAX_MINUTE_COOLDOWN);
     }
@@ -1161,7 +1243,14 @@ mod tests {
         let c = call(&mut r, &route, now);
         let mut attempt = Attempt::new();
         // Gemini's daily quota comes with a retryDelay of 0s.
-        r.record(&c, &limited(Some(secs(0)), LimitScope::Day), &mut attempt, now, true, 0.5);
+        r.record(
+            &c,
+            &limited(Some(secs(0)), LimitScope::Day),
+            &mut attempt,
+            now,
+            true,
+            0.5,
+        );
         let report = state_of(&r, &c.label, now);
         assert_eq!(report.state, KeyState::Exhausted);
         assert_eq!(report.until, Some(at("2026-01-02T08:00:00Z")));
@@ -1169,22 +1258,28 @@ mod tests {
 
     #[test]
     fn a_daily_429_exhausts_a_rolling_key_until_its_oldest_usage_leaves() {
-        let mut r = two_providers();
+        let mut r = Rotator::new(&config(vec![provider(
+            "groq",
+            DailyReset::Rolling,
+            &[("llama", groq_limits())],
+            &[("g1", None)],
+        )]));
         let t0 = at("2026-01-01T10:01:00Z");
         let route = vec![target("groq", "llama")];
         let first = call(&mut r, &route, t0);
         let mut attempt = Attempt::new();
         r.record(&first, &ok(), &mut attempt, t0, true, 0.5);
         let t1 = at("2026-01-01T15:00:00Z");
-        let c = loop {
-            let c = call(&mut r, &route, t1);
-            if c.label == first.label {
-                break c;
-            }
-            r.release(&c);
-        };
-        r.record(&c, &limited(Some(secs(60)), LimitScope::Day), &mut attempt, t1, true, 0.5);
-        let report = state_of(&r, &c.label, t1);
+        let c = call(&mut r, &route, t1);
+        r.record(
+            &c,
+            &limited(Some(secs(60)), LimitScope::Day),
+            &mut attempt,
+            t1,
+            true,
+            0.5,
+        );
+        let report = state_of(&r, "g1", t1);
         assert_eq!(report.state, KeyState::Exhausted);
         // The 5-minute slot holding the 10:01 request leaves at 10:05 the next day.
         assert_eq!(report.until, Some(at("2026-01-02T10:05:00Z")));
@@ -1200,7 +1295,10 @@ mod tests {
             status: 401,
             detail: "Invalid API Key".to_owned(),
         });
-        assert_eq!(r.record(&c, &outcome, &mut attempt, now, true, 0.5), Next::TryNext);
+        assert_eq!(
+            r.record(&c, &outcome, &mut attempt, now, true, 0.5),
+            Next::TryNext
+        );
         let report = state_of(&r, "g1", now);
         assert_eq!(report.state, KeyState::Disabled);
         assert!(report.reason.as_deref().is_some_and(|s| s.contains("401")));
@@ -1211,7 +1309,9 @@ mod tests {
         assert!(!r.reset("nope"));
         assert_eq!(state_of(&r, "g1", now).state, KeyState::Ready);
         let later = now + secs(36_000);
-        let labels: Vec<String> = (0..3).map(|_| call(&mut r, &route(), later).label).collect();
+        let labels: Vec<String> = (0..3)
+            .map(|_| call(&mut r, &route(), later).label)
+            .collect();
         assert!(labels.contains(&"g1".to_owned()));
     }
 
@@ -1247,7 +1347,10 @@ mod tests {
         let outcome = failed(Failure::TooLarge {
             detail: "Request too large".to_owned(),
         });
-        assert_eq!(r.record(&c, &outcome, &mut Attempt::new(), now, true, 0.5), Next::TryNext);
+        assert_eq!(
+            r.record(&c, &outcome, &mut Attempt::new(), now, true, 0.5),
+            Next::TryNext
+        );
         let plan = r.plan(&route, big, &Attempt::new(), now, now + secs(120), true);
         assert!(
             matches!(&plan, Plan::Exhausted { retry_after: None, message } if message.contains("large")),
@@ -1283,11 +1386,13 @@ mod tests {
                 ..
             }
         ));
+        // No key is blamed...
         assert_eq!(state_of(&r, "g1", now).state, KeyState::Ready);
-        // The reservation was given back: the only request of the minute is free again.
+        // ...but the request reached the provider and stays counted: the minute's only
+        // request is spent, so the next task waits for the window.
         assert!(matches!(
             r.plan(&route, COST, &Attempt::new(), now, now + secs(120), true),
-            Plan::Call(_)
+            Plan::Wait { .. }
         ));
     }
 
@@ -1390,7 +1495,14 @@ mod tests {
         let route = vec![target("gemini", "flash")];
         for _ in 0..2 {
             let c = call(&mut r, &route, now);
-            r.record(&c, &limited(Some(secs(0)), LimitScope::Day), &mut Attempt::new(), now, true, 0.5);
+            r.record(
+                &c,
+                &limited(Some(secs(0)), LimitScope::Day),
+                &mut Attempt::new(),
+                now,
+                true,
+                0.5,
+            );
         }
         let plan = r.plan(&route, COST, &Attempt::new(), now, now + secs(120), true);
         let Plan::Exhausted {
@@ -1401,9 +1513,19 @@ mod tests {
             panic!("expected exhaustion, got {plan:?}");
         };
         assert_eq!(retry_after, Some(secs(12 * 3600)));
-        assert_eq!(message, "all 2 keys for gemini/flash are spent until 00:00 PST");
+        assert_eq!(
+            message,
+            "all 2 keys for gemini/flash are spent until 00:00 PST"
+        );
         // With a deadline past midnight, the task waits instead.
-        let plan = r.plan(&route, COST, &Attempt::new(), now, now + secs(13 * 3600), true);
+        let plan = r.plan(
+            &route,
+            COST,
+            &Attempt::new(),
+            now,
+            now + secs(13 * 3600),
+            true,
+        );
         assert_eq!(
             plan,
             Plan::Wait {
@@ -1418,7 +1540,14 @@ mod tests {
         let now = at("2026-01-01T00:00:00Z");
         let mut attempt = Attempt::new();
         let c = call(&mut r, &route(), now);
-        r.record(&c, &limited(Some(secs(300)), LimitScope::Minute), &mut attempt, now, true, 0.5);
+        r.record(
+            &c,
+            &limited(Some(secs(300)), LimitScope::Minute),
+            &mut attempt,
+            now,
+            true,
+            0.5,
+        );
         let c = call(&mut r, &route(), now);
         r.record(
             &c,
@@ -1435,7 +1564,8 @@ mod tests {
             requests: 1,
             tokens: 9000,
         };
-        let Plan::Call(c) = r.plan(&route(), big, &Attempt::new(), now, now + secs(120), true) else {
+        let Plan::Call(c) = r.plan(&route(), big, &Attempt::new(), now, now + secs(120), true)
+        else {
             panic!("expected a call");
         };
         r.record(
@@ -1474,7 +1604,11 @@ mod tests {
                 ("task/1".to_owned(), b"?".to_vec()),
             ])
             .expect("ignored");
-        assert!(other.restore(vec![("key/g1".to_owned(), b"?".to_vec())]).is_err());
+        assert!(
+            other
+                .restore(vec![("key/g1".to_owned(), b"?".to_vec())])
+                .is_err()
+        );
     }
 
     #[test]

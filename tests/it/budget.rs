@@ -187,7 +187,8 @@ async fn kill_dash_nine_mid_load_never_overspends_or_resends_an_answered_task() 
         answered_before.insert(v["id"].as_str().unwrap().to_owned());
     }
     daemon.kill9();
-    let _daemon = Daemon::start(&setup).await;
+    let before_log = daemon.log_text();
+    let daemon = Daemon::start(&setup).await;
     // The 6 calls the minute allows are spent by now or soon; the rest wait for the
     // window, so collect what arrives within a while and check the provider's counts.
     let mut all: HashSet<String> = answered_before.clone();
@@ -197,7 +198,12 @@ async fn kill_dash_nine_mid_load_never_overspends_or_resends_an_answered_task() 
             all.insert(m.json()["id"].as_str().unwrap().to_owned());
         }
     }
-    assert_eq!(fake.rate_limited(), 0, "after the crash the daemon overspent a key");
+    assert_eq!(
+        fake.rate_limited(),
+        0,
+        "after the crash the daemon overspent a key; before:\n{before_log}\nafter:\n{}",
+        daemon.log_text()
+    );
     for (_, secret) in &keys {
         assert!(fake.calls(secret) <= 3, "a key was called {} times in a minute", fake.calls(secret));
     }

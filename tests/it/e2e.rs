@@ -276,17 +276,37 @@ async fn a_rejected_key_is_disabled_and_never_called_again() {
         assert_eq!(v["status"], "ok", "{v}");
         assert_eq!(v["key"], "groq-2");
     }
-    assert!(fake.calls(SECRET_1) <= 1, "a disabled key was called again: {}", fake.calls(SECRET_1));
+    assert_eq!(fake.calls(SECRET_1), 1, "a disabled key was called again, or never tried");
 
-    let (code, out, _) = keyrelay(&["status", "--json", "--config", path_str(&setup.config_path())], &[]);
+    let config = path_str(&setup.config_path()).to_owned();
+    let (code, out, _) = keyrelay(&["status", "--json", "--config", &config], &[]);
     assert_eq!(code, 0);
     let health: Value = serde_json::from_str(&out).unwrap();
     let key1 = health["keys"].as_array().unwrap().iter().find(|k| k["label"] == "groq-1").unwrap();
-    if fake.calls(SECRET_1) == 1 {
-        assert_eq!(key1["state"], "disabled", "{health}");
-        assert_eq!(health["state"], "degraded");
-    }
+    assert_eq!(key1["state"], "disabled", "{health}");
+    assert!(key1["reason"].as_str().is_some_and(|r| !r.is_empty()));
+    assert_eq!(health["state"], "degraded");
     assert_no_secret(&out);
+    let (_, table, _) = keyrelay(&["status", "--config", &config], &[]);
+    assert!(table.lines().any(|l| l.starts_with("groq-1") && l.contains("disabled")), "{table}");
+
+    // The operator fixes the key and resets it: the running daemon uses it again at once.
+    fake.add_key(SECRET_1, FakeLimits::unlimited());
+    let (code, out, err) = keyrelay(&["reset", "--config", &config, "groq-1"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, out, _) = keyrelay(&["status", "--json", "--config", &config], &[]);
+    let health: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(health["state"], "healthy", "{health}");
+    for i in 6..10 {
+        client
+            .publish("keyrelay/tasks", task(&format!("k{i}"), "x", json!({"reply_to": format!("clients/k/{i}")})))
+            .await;
+        assert_eq!(client.next_on(&format!("clients/k/{i}")).await.json()["status"], "ok");
+    }
+    assert!(fake.calls(SECRET_1) > 1, "the reset key was not used again");
+    let (code, _, err) = keyrelay(&["reset", "--config", &config, "no-such-key"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no-such-key"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
