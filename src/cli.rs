@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "keyrelay", version, about = "Runs LLM tasks from MQTT through a pool of rate-limited API keys")]
+#[command(
+    name = "keyrelay",
+    version,
+    about = "Runs LLM tasks from MQTT through a pool of rate-limited API keys"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -65,7 +65,10 @@ impl GuardedClock {
     /// The wall time, or the latest time seen when the wall clock is behind it.
     pub fn now(&self) -> Timestamp {
         let wall = self.source.wall();
-        let mut latest = self.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut latest = self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if wall > *latest {
             *latest = wall;
         } else if *latest - wall > jiff::SignedDuration::from_secs(1) {
@@ -99,7 +102,10 @@ mod tests {
     #[test]
     fn never_runs_backwards() {
         let t = Arc::new(AtomicI64::new(2_000_000_000));
-        let clock = GuardedClock::new(Box::new(Manual(t.clone())), Some(Timestamp::from_second(1_900_000_000).unwrap()));
+        let clock = GuardedClock::new(
+            Box::new(Manual(t.clone())),
+            Some(Timestamp::from_second(1_900_000_000).unwrap()),
+        );
         assert_eq!(clock.now().as_second(), 2_000_000_000);
         t.store(1_000_000_000, Ordering::SeqCst);
         assert_eq!(clock.now().as_second(), 2_000_000_000);
@@ -110,7 +116,10 @@ mod tests {
     #[test]
     fn recorded_time_wins_over_an_old_boot_clock() {
         let t = Arc::new(AtomicI64::new(1_000));
-        let clock = GuardedClock::new(Box::new(Manual(t)), Some(Timestamp::from_second(1_800_000_000).unwrap()));
+        let clock = GuardedClock::new(
+            Box::new(Manual(t)),
+            Some(Timestamp::from_second(1_800_000_000).unwrap()),
+        );
         assert_eq!(clock.now().as_second(), 1_800_000_000);
         assert!(!clock.synchronised());
     }

@@ -42,9 +42,15 @@ pub struct Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot listen on {path}: {source}")]
-    Bind { path: String, source: std::io::Error },
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no daemon answers on {path}: {source}")]
-    Connect { path: String, source: std::io::Error },
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the daemon did not answer in time")]
     Timeout,
     #[error("talking to the daemon: {0}")]
@@ -71,7 +77,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Answers requests until `stop`.
-pub async fn serve(listener: UnixListener, relay: Arc<Relay>, stop: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: UnixListener,
+    relay: Arc<Relay>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => break,
@@ -85,7 +96,10 @@ pub async fn serve(listener: UnixListener, relay: Arc<Relay>, stop: Cancellation
         };
         let relay = relay.clone();
         tracker.spawn(async move {
-            if tokio::time::timeout(CONTROL_TIMEOUT, answer(stream, &relay)).await.is_err() {
+            if tokio::time::timeout(CONTROL_TIMEOUT, answer(stream, &relay))
+                .await
+                .is_err()
+            {
                 log::debug!("a control client went quiet");
             }
         });
@@ -133,10 +147,13 @@ async fn answer(stream: UnixStream, relay: &Relay) {
 /// Sends one request to the daemon listening at `path`.
 pub async fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
     let exchange = async {
-        let mut stream = UnixStream::connect(path).await.map_err(|source| ControlError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let mut stream =
+            UnixStream::connect(path)
+                .await
+                .map_err(|source| ControlError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })?;
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');
         stream.write_all(&line).await?;

@@ -112,7 +112,11 @@ pub fn client_id(node_id: &str) -> String {
 }
 
 /// Connect options for the daemon: persistent session, manual acks, Last Will.
-pub fn daemon_options(cfg: &MqttConfig, topics: &Topics, node_id: &str) -> Result<MqttOptions, SetupError> {
+pub fn daemon_options(
+    cfg: &MqttConfig,
+    topics: &Topics,
+    node_id: &str,
+) -> Result<MqttOptions, SetupError> {
     let mut options = base_options(cfg, &client_id(node_id))?;
     options
         .set_clean_start(false)
@@ -120,7 +124,13 @@ pub fn daemon_options(cfg: &MqttConfig, topics: &Topics, node_id: &str) -> Resul
         .set_manual_acks(true)
         .set_receive_maximum(Some(RECEIVE_MAXIMUM))
         .set_max_packet_size(Some(max_packet_size(cfg.max_payload_bytes)))
-        .set_last_will(LastWill::new(topics.availability(), "offline", QoS::AtLeastOnce, true, None));
+        .set_last_will(LastWill::new(
+            topics.availability(),
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
     Ok(options)
 }
 
@@ -141,7 +151,11 @@ fn base_options(cfg: &MqttConfig, client_id: &str) -> Result<MqttOptions, SetupE
     network.set_tcp_nodelay(true);
     options.set_network_options(network);
     if let Some(user) = &cfg.username {
-        let password = cfg.password.as_ref().map(|p| p.expose().to_owned()).unwrap_or_default();
+        let password = cfg
+            .password
+            .as_ref()
+            .map(|p| p.expose().to_owned())
+            .unwrap_or_default();
         options.set_credentials(user.clone(), password);
     }
     if cfg.tls {
@@ -225,7 +239,9 @@ impl Link {
     /// Acknowledges a task, but only on the connection it arrived on; after a reconnect
     /// the broker redelivers it instead (and the store answers it without a second call).
     pub async fn ack(&self, received: &Received) {
-        if received.publish.qos == QoS::AtMostOnce || received.connection != self.connection.load(Ordering::SeqCst) {
+        if received.publish.qos == QoS::AtMostOnce
+            || received.connection != self.connection.load(Ordering::SeqCst)
+        {
             return;
         }
         if let Err(e) = self.client.ack(&received.publish).await {
@@ -234,7 +250,13 @@ impl Link {
     }
 
     /// Publishes at QoS 1; the event loop sends it (again after a reconnect if needed).
-    pub async fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool, correlation: Option<Bytes>) {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        correlation: Option<Bytes>,
+    ) {
         let result = match correlation {
             Some(data) => {
                 let properties = PublishProperties {
@@ -245,7 +267,11 @@ impl Link {
                     .publish_with_properties(topic, QoS::AtLeastOnce, retain, payload, properties)
                     .await
             }
-            None => self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await,
+            None => {
+                self.client
+                    .publish(topic, QoS::AtLeastOnce, retain, payload)
+                    .await
+            }
         };
         if let Err(e) = result {
             log::warn!("could not queue a publish to {topic}: {e}");
@@ -299,7 +325,11 @@ impl Driver {
                     let n = connection.fetch_add(1, Ordering::SeqCst) + 1;
                     log::info!(
                         "connected to the broker (session {})",
-                        if ack.session_present { "resumed" } else { "new" }
+                        if ack.session_present {
+                            "resumed"
+                        } else {
+                            "new"
+                        }
                     );
                     subscribe_pkids.clear();
                     for topic in [self.topics.shared_tasks(), self.topics.node_tasks()] {
@@ -307,21 +337,32 @@ impl Driver {
                             log::warn!("could not queue a subscribe: {e}");
                         }
                     }
-                    state.send_replace(LinkState { up: false, connection: n });
+                    state.send_replace(LinkState {
+                        up: false,
+                        connection: n,
+                    });
                 }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Subscribe(pkid))) => subscribe_pkids.push(pkid),
+                Ok(Event::Outgoing(rumqttc::Outgoing::Subscribe(pkid))) => {
+                    subscribe_pkids.push(pkid)
+                }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    let failed = ack
-                        .return_codes
-                        .iter()
-                        .any(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)));
+                    let failed = ack.return_codes.iter().any(|c| {
+                        !matches!(
+                            c,
+                            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+                        )
+                    });
                     if failed {
-                        log::error!("the broker refused a task subscription: {:?}", ack.return_codes);
+                        log::error!(
+                            "the broker refused a task subscription: {:?}",
+                            ack.return_codes
+                        );
                     }
                     subscribe_pkids.retain(|p| *p != ack.pkid);
                     if subscribe_pkids.is_empty() && !failed {
                         let link = self.link(connection.clone());
-                        link.publish(&self.topics.availability(), b"online".to_vec(), true, None).await;
+                        link.publish(&self.topics.availability(), b"online".to_vec(), true, None)
+                            .await;
                         state.send_modify(|s| s.up = true);
                     }
                 }

@@ -120,7 +120,11 @@ impl Relay {
         stopping: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<Self, SetupError> {
-        let topics = Topics::new(&config.mqtt.topic_prefix, &config.node_id, &config.mqtt.share_group);
+        let topics = Topics::new(
+            &config.mqtt.topic_prefix,
+            &config.node_id,
+            &config.mqtt.share_group,
+        );
         let mut providers = HashMap::new();
         let mut keys = HashMap::new();
         for p in &config.providers {
@@ -180,7 +184,13 @@ impl Relay {
         let keys = rotator.key_reports(now, synced);
         let servable = rotator.servable_now(&self.config.routing.auto, now, synced);
         drop(rotator);
-        health::derive(keys, servable, self.queue_len(), self.stats.snapshot(), synced)
+        health::derive(
+            keys,
+            servable,
+            self.queue_len(),
+            self.stats.snapshot(),
+            synced,
+        )
     }
 
     /// When a key's state next ends by itself, so health can be republished then.
@@ -192,7 +202,11 @@ impl Relay {
     pub async fn persist(&self, exact: bool) -> Result<(), crate::store::CommitError> {
         let (rows, version) = {
             let mut r = lock(&self.rotator);
-            let rows = if exact { r.snapshot_exact() } else { r.snapshot_dirty() };
+            let rows = if exact {
+                r.snapshot_exact()
+            } else {
+                r.snapshot_dirty()
+            };
             (rows, self.lease_version.load(Ordering::SeqCst))
         };
         let batch = Batch {
@@ -219,7 +233,8 @@ impl Relay {
         }
         if !opened_it {
             let mut durable = self.durable.subscribe();
-            let waited = tokio::time::timeout(LEASE_COMMIT_WAIT, durable.wait_for(|d| *d >= version)).await;
+            let waited =
+                tokio::time::timeout(LEASE_COMMIT_WAIT, durable.wait_for(|d| *d >= version)).await;
             if matches!(waited, Ok(Ok(_))) {
                 return true;
             }
@@ -258,16 +273,24 @@ impl Relay {
     /// Takes one delivery from the broker. Spawned once per publish.
     pub async fn take(self: Arc<Self>, received: Received) {
         let max = self.config.mqtt.max_payload_bytes;
-        let parsed = task::parse(&received.publish.payload, max, || uuid::Uuid::new_v4().to_string());
+        let parsed = task::parse(&received.publish.payload, max, || {
+            uuid::Uuid::new_v4().to_string()
+        });
         let task = match parsed {
             Ok(task) => task,
             Err(invalid) => return self.refuse(&received, invalid).await,
         };
-        if received.correlation_data().is_some_and(|c| c.len() > task::MAX_CORRELATION_BYTES) {
+        if received
+            .correlation_data()
+            .is_some_and(|c| c.len() > task::MAX_CORRELATION_BYTES)
+        {
             let invalid = task::InvalidTask {
                 id: Some(task.id.clone()),
                 reply_to: task.reply_to.clone(),
-                message: format!("correlation data longer than {} bytes", task::MAX_CORRELATION_BYTES),
+                message: format!(
+                    "correlation data longer than {} bytes",
+                    task::MAX_CORRELATION_BYTES
+                ),
             };
             return self.refuse(&received, invalid).await;
         }
@@ -299,7 +322,9 @@ impl Relay {
         match self.store.answered(&task.id).await {
             Ok(Some(stored)) => {
                 log::info!(event = "task_repeat", task_id = task.id.as_str(); "task {} answered before; replying from the store", task.id);
-                self.link.publish(&reply_topic, stored, false, correlation).await;
+                self.link
+                    .publish(&reply_topic, stored, false, correlation)
+                    .await;
                 self.finish_deliveries(&task.id, Some(&received)).await;
                 return;
             }
@@ -311,8 +336,14 @@ impl Relay {
         let deadline = received_at + Duration::from_secs(task.deadline_secs);
         let route = self.config.targets_for_model(&task.model);
         if route.is_empty() {
-            let reply = Reply::error(&task.id, ErrorCode::NoRoute, format!("no provider serves the model {:?}", task.model));
-            return self.answer(&task, reply, &reply_topic, correlation, Some(&received)).await;
+            let reply = Reply::error(
+                &task.id,
+                ErrorCode::NoRoute,
+                format!("no provider serves the model {:?}", task.model),
+            );
+            return self
+                .answer(&task, reply, &reply_topic, correlation, Some(&received))
+                .await;
         }
 
         // Record the task, then acknowledge: from then on it is ours to answer, even
@@ -325,9 +356,6 @@ impl Relay {
             deadline_ms: deadline.as_millisecond(),
         };
         {
-            let relay = self.clone();
-            let received = received.clone();
-            let acked = acked.clone();
             let batch = Batch {
                 pending_add: vec![PendingTask {
                     id: task.id.clone(),
@@ -336,8 +364,15 @@ impl Relay {
                 }],
                 ..Batch::default()
             };
+            // The store queues the batch now, before the answer's batch can be queued:
+            // a record that landed after its own removal would be served again after a
+            // restart.
+            let recorded = self.store.commit(batch);
+            let relay = self.clone();
+            let received = received.clone();
+            let acked = acked.clone();
             self.tracker.spawn(async move {
-                if relay.commit(batch).await.is_ok() && !acked.swap(true, Ordering::SeqCst) {
+                if recorded.await.is_ok() && !acked.swap(true, Ordering::SeqCst) {
                     relay.link.ack(&received).await;
                 }
             });
@@ -349,7 +384,8 @@ impl Relay {
             return;
         };
         let first = (!acked.swap(true, Ordering::SeqCst)).then_some(&received);
-        self.answer(&task, reply, &reply_topic, correlation, first).await;
+        self.answer(&task, reply, &reply_topic, correlation, first)
+            .await;
     }
 
     /// Answers a task recorded before a restart.
@@ -357,7 +393,10 @@ impl Relay {
         let record: PendingRecord = match serde_json::from_slice(&pending.payload) {
             Ok(r) => r,
             Err(e) => {
-                log::error!("a recorded task ({}) cannot be read back and is dropped: {e}", pending.id);
+                log::error!(
+                    "a recorded task ({}) cannot be read back and is dropped: {e}",
+                    pending.id
+                );
                 return self.forget_pending(&pending.id).await;
             }
         };
@@ -365,22 +404,37 @@ impl Relay {
         let task = match task::parse(&payload, usize::MAX, || pending.id.clone()) {
             Ok(t) => t,
             Err(e) => {
-                log::error!("a recorded task ({}) is no longer valid and is dropped: {e}", pending.id);
+                log::error!(
+                    "a recorded task ({}) is no longer valid and is dropped: {e}",
+                    pending.id
+                );
                 return self.forget_pending(&pending.id).await;
             }
         };
+        if matches!(self.store.answered(&task.id).await, Ok(Some(_))) {
+            return self.forget_pending(&task.id).await;
+        }
         lock(&self.in_flight).insert(task.id.clone(), Vec::new());
         let correlation = record.correlation.map(Bytes::from);
-        let deadline = Timestamp::from_millisecond(record.deadline_ms).unwrap_or_else(|_| self.clock.now());
-        let received_at = Timestamp::from_millisecond(pending.received_at_ms).unwrap_or_else(|_| self.clock.now());
+        let deadline =
+            Timestamp::from_millisecond(record.deadline_ms).unwrap_or_else(|_| self.clock.now());
+        let received_at = Timestamp::from_millisecond(pending.received_at_ms)
+            .unwrap_or_else(|_| self.clock.now());
         let route = self.config.targets_for_model(&task.model);
         let reply = if route.is_empty() {
-            Some(Reply::error(&task.id, ErrorCode::NoRoute, format!("no provider serves the model {:?}", task.model)))
+            Some(Reply::error(
+                &task.id,
+                ErrorCode::NoRoute,
+                format!("no provider serves the model {:?}", task.model),
+            ))
         } else {
             self.serve(&task, &route, deadline, received_at).await
         };
         match reply {
-            Some(reply) => self.answer(&task, reply, &record.reply_topic, correlation, None).await,
+            Some(reply) => {
+                self.answer(&task, reply, &record.reply_topic, correlation, None)
+                    .await
+            }
             None => {
                 lock(&self.in_flight).remove(&task.id);
             }
@@ -402,7 +456,11 @@ impl Relay {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         let id = invalid.id.clone().unwrap_or_default();
         log::warn!(event = "task_invalid", task_id = id.as_str(); "invalid task: {}", invalid.message);
-        let topic = match (received.response_topic(), invalid.reply_to.as_deref(), invalid.id.as_deref()) {
+        let topic = match (
+            received.response_topic(),
+            invalid.reply_to.as_deref(),
+            invalid.id.as_deref(),
+        ) {
             (None, None, None) => None,
             (rt, reply_to, id) => task::reply_topic(
                 rt,
@@ -419,14 +477,27 @@ impl Relay {
                 .filter(|c| c.len() <= task::MAX_CORRELATION_BYTES)
                 .cloned();
             let reply = Reply::error(&id, ErrorCode::InvalidRequest, invalid.message);
-            self.link.publish(&topic, reply.to_json(), false, correlation).await;
+            self.link
+                .publish(&topic, reply.to_json(), false, correlation)
+                .await;
         }
         self.link.ack(received).await;
     }
 
     /// Publishes the reply, acknowledges every delivery of the task, records the answer.
-    async fn answer(&self, task: &Task, reply: Reply, topic: &str, correlation: Option<Bytes>, first: Option<&Received>) {
-        let counter = if reply.is_ok() { &self.stats.ok } else { &self.stats.failed };
+    async fn answer(
+        &self,
+        task: &Task,
+        reply: Reply,
+        topic: &str,
+        correlation: Option<Bytes>,
+        first: Option<&Received>,
+    ) {
+        let counter = if reply.is_ok() {
+            &self.stats.ok
+        } else {
+            &self.stats.failed
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         let json = reply.to_json();
         match &reply.error {
@@ -435,9 +506,13 @@ impl Relay {
                 provider = reply.provider.as_deref().unwrap_or_default(), model = reply.model.as_deref().unwrap_or_default();
                 "task {} answered", task.id
             ),
-            Some(e) => log::info!(event = "task_failed", task_id = task.id.as_str(); "task {} failed: {:?}: {}", task.id, e.code, e.message),
+            Some(e) => {
+                log::info!(event = "task_failed", task_id = task.id.as_str(); "task {} failed: {:?}: {}", task.id, e.code, e.message)
+            }
         }
-        self.link.publish(topic, json.clone(), false, correlation).await;
+        self.link
+            .publish(topic, json.clone(), false, correlation)
+            .await;
         self.finish_deliveries(&task.id, first).await;
         let batch = Batch {
             pending_remove: vec![task.id.clone()],
@@ -462,7 +537,13 @@ impl Relay {
     }
 
     /// Runs a task until it has a reply, or `None` when the daemon stops first.
-    async fn serve(&self, task: &Task, route: &[Target], deadline: Timestamp, received_at: Timestamp) -> Option<Reply> {
+    async fn serve(
+        &self,
+        task: &Task,
+        route: &[Target],
+        deadline: Timestamp,
+        received_at: Timestamp,
+    ) -> Option<Reply> {
         let cost = Cost::estimate(&task.chat_request(&route[0].model));
         let mut attempt = Attempt::new();
         let mut queued = Duration::ZERO;
@@ -491,7 +572,11 @@ impl Relay {
                     }
                     let Some(client) = self.providers.get(&call.provider) else {
                         lock(&self.rotator).release(&call);
-                        return Some(Reply::error(&task.id, ErrorCode::NoRoute, format!("provider {} is not configured", call.provider)));
+                        return Some(Reply::error(
+                            &task.id,
+                            ErrorCode::NoRoute,
+                            format!("provider {} is not configured", call.provider),
+                        ));
                     };
                     let Some(secret) = lock(&self.keys).get(&call.label).cloned() else {
                         lock(&self.rotator).release(&call);
@@ -511,7 +596,14 @@ impl Relay {
                         );
                     }
                     let now = self.clock.now();
-                    let next = lock(&self.rotator).record(&call, &outcome, &mut attempt, now, self.clock.synchronised(), fastrand::f64());
+                    let next = lock(&self.rotator).record(
+                        &call,
+                        &outcome,
+                        &mut attempt,
+                        now,
+                        self.clock.synchronised(),
+                        fastrand::f64(),
+                    );
                     self.changed();
                     match (next, outcome.result) {
                         (Next::Done, Ok(completion)) => {
@@ -540,10 +632,15 @@ impl Relay {
                     }
                 }
                 Plan::Wait { until } => {
-                    if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.config.routing.max_queue {
+                    if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.config.routing.max_queue
+                    {
                         self.waiting.fetch_sub(1, Ordering::SeqCst);
-                        let reply = Reply::error(&task.id, ErrorCode::BudgetExhausted, "the queue of tasks waiting for budget is full")
-                            .retry_after(Some(secs_until(now, until)));
+                        let reply = Reply::error(
+                            &task.id,
+                            ErrorCode::BudgetExhausted,
+                            "the queue of tasks waiting for budget is full",
+                        )
+                        .retry_after(Some(secs_until(now, until)));
                         return Some(reply);
                     }
                     self.changed();
@@ -554,10 +651,14 @@ impl Relay {
                     self.changed();
                     woke?;
                 }
-                Plan::Exhausted { retry_after, message } => {
+                Plan::Exhausted {
+                    retry_after,
+                    message,
+                } => {
                     return Some(
-                        Reply::error(&task.id, ErrorCode::BudgetExhausted, message)
-                            .retry_after(retry_after.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))),
+                        Reply::error(&task.id, ErrorCode::BudgetExhausted, message).retry_after(
+                            retry_after.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+                        ),
                     );
                 }
             }
@@ -568,7 +669,10 @@ impl Relay {
         Reply::error(
             &task.id,
             ErrorCode::DeadlineExceeded,
-            format!("the task's deadline of {} s passed (taken at {received_at})", task.deadline_secs),
+            format!(
+                "the task's deadline of {} s passed (taken at {received_at})",
+                task.deadline_secs
+            ),
         )
     }
 

@@ -132,7 +132,8 @@ pub fn parse(
             _ => return Err(fail("`max_tokens` must be a positive integer".into())),
         },
     };
-    let temperature = number_in(raw.temperature.as_ref(), "temperature", 0.0, 2.0).map_err(&fail)?;
+    let temperature =
+        number_in(raw.temperature.as_ref(), "temperature", 0.0, 2.0).map_err(&fail)?;
     let top_p = number_in(raw.top_p.as_ref(), "top_p", 0.0, 1.0).map_err(&fail)?;
     let stop = parse_stop(raw.stop.as_ref()).map_err(&fail)?;
     let deadline_secs = match &raw.deadline_secs {
@@ -167,7 +168,10 @@ fn check_id(id: &str) -> Result<(), String> {
     if id.chars().count() > MAX_ID_CHARS {
         return Err(format!("`id` is longer than {MAX_ID_CHARS} characters"));
     }
-    if id.chars().any(|c| matches!(c, '+' | '#' | '/') || c.is_control()) {
+    if id
+        .chars()
+        .any(|c| matches!(c, '+' | '#' | '/') || c.is_control())
+    {
         return Err("`id` may not contain `+`, `#`, `/` or control characters".into());
     }
     Ok(())
@@ -224,7 +228,9 @@ fn parse_stop(value: Option<&Value>) -> Result<Vec<String>, String> {
         Some(_) => return Err("`stop` must be a string or an array of strings".into()),
     };
     if stop.len() > MAX_STOP_SEQUENCES {
-        return Err(format!("`stop` has more than {MAX_STOP_SEQUENCES} sequences"));
+        return Err(format!(
+            "`stop` has more than {MAX_STOP_SEQUENCES} sequences"
+        ));
     }
     Ok(stop)
 }
@@ -438,24 +444,34 @@ mod tests {
         assert!(err(b"{nope").message.starts_with("not JSON"));
         assert_eq!(err(b"[1]").message, "a task is a JSON object");
         assert!(err(br#"{"id":"x"}"#).message.contains("messages"));
-        let e = err(br#"{"id":"x","reply_to":"clients/a","messages":[{"role":"robot","content":"hi"}]}"#);
+        let e = err(
+            br#"{"id":"x","reply_to":"clients/a","messages":[{"role":"robot","content":"hi"}]}"#,
+        );
         assert_eq!(e.id.as_deref(), Some("x"));
         assert_eq!(e.reply_to.as_deref(), Some("clients/a"));
         assert!(e.message.contains("robot"));
-        assert!(err(br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#)
-            .message
-            .contains("max_tokens"));
-        assert!(err(br#"{"messages":[{"role":"user","content":"hi"}],"temperature":3}"#)
-            .message
-            .contains("temperature"));
-        assert!(err(br#"{"messages":[{"role":"user","content":"hi"}],"deadline_secs":-1}"#)
-            .message
-            .contains("deadline_secs"));
+        assert!(
+            err(br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#)
+                .message
+                .contains("max_tokens")
+        );
+        assert!(
+            err(br#"{"messages":[{"role":"user","content":"hi"}],"temperature":3}"#)
+                .message
+                .contains("temperature")
+        );
+        assert!(
+            err(br#"{"messages":[{"role":"user","content":"hi"}],"deadline_secs":-1}"#)
+                .message
+                .contains("deadline_secs")
+        );
         let long = format!(r#"{{"id":"{}","messages":[]}}"#, "x".repeat(129));
         assert!(err(long.as_bytes()).message.contains("128"));
-        assert!(err(br#"{"id":"a/b","messages":[{"role":"user","content":"hi"}]}"#)
-            .message
-            .contains("may not contain"));
+        assert!(
+            err(br#"{"id":"a/b","messages":[{"role":"user","content":"hi"}]}"#)
+                .message
+                .contains("may not contain")
+        );
     }
 
     #[test]
@@ -468,14 +484,30 @@ mod tests {
     #[test]
     fn reply_topic_rules() {
         let t = topics();
-        assert_eq!(reply_topic(None, None, "a1", &t, None).unwrap(), "keyrelay/replies/a1");
+        assert_eq!(
+            reply_topic(None, None, "a1", &t, None).unwrap(),
+            "keyrelay/replies/a1"
+        );
         assert_eq!(
             reply_topic(Some("clients/v5"), Some("clients/v3"), "a1", &t, None).unwrap(),
             "clients/v5"
         );
-        assert_eq!(reply_topic(None, Some("clients/v3"), "a1", &t, None).unwrap(), "clients/v3");
-        for bad in ["clients/+", "clients/#", "", "$SYS/x", "keyrelay/replies/x", "keyrelay"] {
-            assert!(reply_topic(None, Some(bad), "a1", &t, None).is_err(), "{bad}");
+        assert_eq!(
+            reply_topic(None, Some("clients/v3"), "a1", &t, None).unwrap(),
+            "clients/v3"
+        );
+        for bad in [
+            "clients/+",
+            "clients/#",
+            "",
+            "$SYS/x",
+            "keyrelay/replies/x",
+            "keyrelay",
+        ] {
+            assert!(
+                reply_topic(None, Some(bad), "a1", &t, None).is_err(),
+                "{bad}"
+            );
         }
         let allowed = vec!["clients/".to_owned()];
         assert!(reply_topic(None, Some("clients/a"), "a1", &t, Some(&allowed)).is_ok());
@@ -487,7 +519,8 @@ mod tests {
 
     #[test]
     fn replies_serialize_as_the_contract_shows() {
-        let r = Reply::error("b1", ErrorCode::BudgetExhausted, "all keys spent").retry_after(Some(540));
+        let r =
+            Reply::error("b1", ErrorCode::BudgetExhausted, "all keys spent").retry_after(Some(540));
         assert_eq!(
             String::from_utf8(r.to_json()).unwrap(),
             r#"{"id":"b1","status":"error","error":{"code":"budget_exhausted","message":"all keys spent","retry_after_secs":540}}"#
@@ -496,12 +529,16 @@ mod tests {
             provider: "groq".into(),
             model: "m".into(),
             key: "groq-3".into(),
-            usage: Usage { prompt_tokens: 21, completion_tokens: 9 },
+            usage: Usage {
+                prompt_tokens: 21,
+                completion_tokens: 9,
+            },
             attempts: 2,
             queued_ms: 0,
             latency_ms: 412,
         };
-        let v: Value = serde_json::from_slice(&Reply::ok("b1", "¡Hola!".into(), served).to_json()).unwrap();
+        let v: Value =
+            serde_json::from_slice(&Reply::ok("b1", "¡Hola!".into(), served).to_json()).unwrap();
         assert_eq!(v["status"], "ok");
         assert_eq!(v["key"], "groq-3");
         assert_eq!(v["usage"]["prompt_tokens"], 21);

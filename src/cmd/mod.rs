@@ -95,7 +95,8 @@ pub fn control_socket_candidates(config: &Config) -> Vec<PathBuf> {
     if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
         paths.push(PathBuf::from(dir).join(crate::control::SOCKET_NAME));
     }
-    paths.push(PathBuf::from(crate::control::SYSTEMD_RUNTIME_DIR).join(crate::control::SOCKET_NAME));
+    paths
+        .push(PathBuf::from(crate::control::SYSTEMD_RUNTIME_DIR).join(crate::control::SOCKET_NAME));
     paths.push(config.state_dir.join(crate::control::SOCKET_NAME));
     paths
 }

@@ -10,16 +10,30 @@ use crate::store::Batch;
 
 pub async fn run(path: &Path, label: &str) -> Result<ExitCode, CmdError> {
     let config = super::load_config(path)?;
-    if !config.providers.iter().flat_map(|p| &p.keys).any(|k| k.label == label) {
-        return Err(CmdError::Config(format!("no key is labelled {label:?} in {}", path.display())));
+    if !config
+        .providers
+        .iter()
+        .flat_map(|p| &p.keys)
+        .any(|k| k.label == label)
+    {
+        return Err(CmdError::Config(format!(
+            "no key is labelled {label:?} in {}",
+            path.display()
+        )));
     }
-    let req = Request::Reset { label: label.to_owned() };
+    let req = Request::Reset {
+        label: label.to_owned(),
+    };
     if let Some(response) = super::status::ask_daemon(&config, &req).await {
         return if response.ok {
             println!("{label}: reset in the running daemon");
             Ok(ExitCode::SUCCESS)
         } else {
-            Err(CmdError::Runtime(response.error.unwrap_or_else(|| "the daemon refused".into())))
+            Err(CmdError::Runtime(
+                response
+                    .error
+                    .unwrap_or_else(|| "the daemon refused".into()),
+            ))
         };
     }
     let (store, mut rotator) = super::status::offline::open(&config).await?;
@@ -28,7 +42,10 @@ pub async fn run(path: &Path, label: &str) -> Result<ExitCode, CmdError> {
         rows: rotator.snapshot_dirty(),
         ..Batch::default()
     };
-    store.commit(batch).await.map_err(|e| CmdError::Runtime(e.to_string()))?;
+    store
+        .commit(batch)
+        .await
+        .map_err(|e| CmdError::Runtime(e.to_string()))?;
     println!("{label}: reset in {}", super::state_file(&config).display());
     Ok(ExitCode::SUCCESS)
 }

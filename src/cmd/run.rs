@@ -40,7 +40,11 @@ pub const STORE_REOPEN_INTERVAL: Duration = Duration::from_secs(10);
 pub async fn run(path: &Path) -> Result<ExitCode, CmdError> {
     let config = super::load_config(path)?;
     crate::logging::init(config.log_level);
-    log::info!("keyrelay {} starting with {}", env!("CARGO_PKG_VERSION"), path.display());
+    log::info!(
+        "keyrelay {} starting with {}",
+        env!("CARGO_PKG_VERSION"),
+        path.display()
+    );
     let backend = leds::open(&config.leds).map_err(|e| CmdError::Config(e.to_string()))?;
 
     let stop = CancellationToken::new();
@@ -48,7 +52,13 @@ pub async fn run(path: &Path) -> Result<ExitCode, CmdError> {
     let (lights_tx, lights_rx) = watch::channel(Lights::all_off());
     let activity = Arc::new(tokio::sync::Notify::new());
     let led_stop = CancellationToken::new();
-    leds::spawn_driver(backend, lights_rx, activity.clone(), led_stop.clone(), &system);
+    leds::spawn_driver(
+        backend,
+        lights_rx,
+        activity.clone(),
+        led_stop.clone(),
+        &system,
+    );
     service::spawn_signal_handler(stop.clone(), &system)
         .map_err(|e| CmdError::Runtime(format!("cannot listen for signals: {e}")))?;
 
@@ -62,7 +72,10 @@ pub async fn run(path: &Path) -> Result<ExitCode, CmdError> {
     }
     led_stop.cancel();
     system.close();
-    if tokio::time::timeout(DISCONNECT_LIMIT, system.wait()).await.is_err() {
+    if tokio::time::timeout(DISCONNECT_LIMIT, system.wait())
+        .await
+        .is_err()
+    {
         log::warn!("some subsystems did not stop in time");
     }
     result.map(|()| ExitCode::SUCCESS)
@@ -71,7 +84,11 @@ pub async fn run(path: &Path) -> Result<ExitCode, CmdError> {
 /// Opens the state file. An unusable one is reported and tried again until it opens or
 /// the daemon is stopped: meanwhile nothing is spent, no task is taken (they wait in
 /// the broker) and red blinks.
-async fn open_store(config: &Config, stop: &CancellationToken, lights: &watch::Sender<Lights>) -> Option<(Store, Loaded)> {
+async fn open_store(
+    config: &Config,
+    stop: &CancellationToken,
+    lights: &watch::Sender<Lights>,
+) -> Option<(Store, Loaded)> {
     let path = super::state_file(config);
     loop {
         let attempt = path.clone();
@@ -99,7 +116,9 @@ async fn serve(
     lights: &watch::Sender<Lights>,
     activity: Arc<tokio::sync::Notify>,
 ) -> Result<(), CmdError> {
-    let latest = loaded.latest_time_ms.and_then(|ms| Timestamp::from_millisecond(ms).ok());
+    let latest = loaded
+        .latest_time_ms
+        .and_then(|ms| Timestamp::from_millisecond(ms).ok());
     let clock = GuardedClock::new(
         Box::new(SystemClock {
             trust_unsynchronised: config.trust_unsynchronised_clock,
@@ -110,12 +129,42 @@ async fn serve(
         log::warn!(event = "clock_unsynchronised"; "the system clock is not synchronised: serving, but no daily window resets until it is");
     }
     let mut rotator = Rotator::new(&config);
-    rotator
-        .restore(loaded.rows)
-        .map_err(|e| CmdError::Runtime(format!("the state file {} holds budgets that cannot be read: {e}", super::state_file(&config).display())))?;
+    let key_files = key_file_rows(&config);
+    let replaced: Vec<String> = key_files
+        .iter()
+        .filter(|(row, identity)| {
+            loaded
+                .rows
+                .get(row)
+                .is_some_and(|before| before != identity)
+        })
+        .map(|(row, _)| row.trim_start_matches(KEY_FILE_ROW).to_owned())
+        .collect();
+    rotator.restore(loaded.rows).map_err(|e| {
+        CmdError::Runtime(format!(
+            "the state file {} holds budgets that cannot be read: {e}",
+            super::state_file(&config).display()
+        ))
+    })?;
+    for label in &replaced {
+        log::info!(event = "key_replaced", key = label.as_str(); "the key file of {label} changed since the last run; its state is cleared");
+        rotator.reset(label);
+    }
+    store
+        .commit(crate::store::Batch {
+            rows: key_files,
+            ..crate::store::Batch::default()
+        })
+        .await
+        .map_err(|e| CmdError::Runtime(e.to_string()))?;
 
-    let topics = mqtt::Topics::new(&config.mqtt.topic_prefix, &config.node_id, &config.mqtt.share_group);
-    let options = mqtt::daemon_options(&config.mqtt, &topics, &config.node_id).map_err(|e| CmdError::Config(e.to_string()))?;
+    let topics = mqtt::Topics::new(
+        &config.mqtt.topic_prefix,
+        &config.node_id,
+        &config.mqtt.share_group,
+    );
+    let options = mqtt::daemon_options(&config.mqtt, &topics, &config.node_id)
+        .map_err(|e| CmdError::Config(e.to_string()))?;
     let (client, eventloop) = mqtt::connect(options);
     let driver = Driver {
         client,
@@ -125,20 +174,34 @@ async fn serve(
     let connection = Arc::new(AtomicU64::new(0));
     let link = driver.link(connection.clone());
     let socket_path = super::control_socket_path(&config);
-    let listener = crate::control::bind(&socket_path).map_err(|e| CmdError::Runtime(e.to_string()))?;
+    let listener =
+        crate::control::bind(&socket_path).map_err(|e| CmdError::Runtime(e.to_string()))?;
 
     let work = TaskTracker::new();
     let loops = TaskTracker::new();
     let relay = Arc::new(
-        Relay::new(config, link.clone(), store.clone(), clock, rotator, stop.clone(), work.clone())
-            .map_err(|e| CmdError::Config(e.to_string()))?,
+        Relay::new(
+            config,
+            link.clone(),
+            store.clone(),
+            clock,
+            rotator,
+            stop.clone(),
+            work.clone(),
+        )
+        .map_err(|e| CmdError::Config(e.to_string()))?,
     );
     let (tasks_tx, tasks_rx) = mpsc::channel(usize::from(mqtt::RECEIVE_MAXIMUM));
     let (link_tx, link_rx) = watch::channel(LinkState::default());
     let mqtt_stop = CancellationToken::new();
     let driver_task = loops.spawn(driver.run(connection, tasks_tx, link_tx, mqtt_stop.clone()));
     loops.spawn(relay.clone().intake(tasks_rx));
-    loops.spawn(crate::control::serve(listener, relay.clone(), stop.clone(), work.clone()));
+    loops.spawn(crate::control::serve(
+        listener,
+        relay.clone(),
+        stop.clone(),
+        work.clone(),
+    ));
     for pending in loaded.pending {
         work.spawn(relay.clone().resume(pending));
     }
@@ -149,8 +212,14 @@ async fn serve(
     service::notify_stopping();
     log::info!("stopping: {} task(s) in flight", work.len());
     work.close();
-    if tokio::time::timeout(DRAIN_LIMIT, work.wait()).await.is_err() {
-        log::warn!("{} task(s) did not finish in time; they are answered after the restart", work.len());
+    if tokio::time::timeout(DRAIN_LIMIT, work.wait())
+        .await
+        .is_err()
+    {
+        log::warn!(
+            "{} task(s) did not finish in time; they are answered after the restart",
+            work.len()
+        );
     }
     if let Err(e) = relay.persist(true).await {
         log::error!("could not write the final state: {e}");
@@ -158,14 +227,26 @@ async fn serve(
     if let Err(e) = relay.store.flush().await {
         log::error!("could not flush the state file: {e}");
     }
-    link.publish(&relay.topics.availability(), b"offline".to_vec(), true, None).await;
+    link.publish(
+        &relay.topics.availability(),
+        b"offline".to_vec(),
+        true,
+        None,
+    )
+    .await;
     link.disconnect().await;
-    if tokio::time::timeout(DISCONNECT_LIMIT, driver_task).await.is_err() {
+    if tokio::time::timeout(DISCONNECT_LIMIT, driver_task)
+        .await
+        .is_err()
+    {
         mqtt_stop.cancel();
     }
     mqtt_stop.cancel();
     loops.close();
-    if tokio::time::timeout(DISCONNECT_LIMIT, loops.wait()).await.is_err() {
+    if tokio::time::timeout(DISCONNECT_LIMIT, loops.wait())
+        .await
+        .is_err()
+    {
         log::warn!("the broker loops did not stop in time");
     }
     lights.send_replace(Lights::all_off());
@@ -218,7 +299,12 @@ async fn watch_health(
             if stale {
                 relay
                     .link
-                    .publish(&relay.topics.health(), serde_json::to_vec(&json).unwrap_or_default(), true, None)
+                    .publish(
+                        &relay.topics.health(),
+                        serde_json::to_vec(&json).unwrap_or_default(),
+                        true,
+                        None,
+                    )
                     .await;
                 last_published = Some((json, tokio::time::Instant::now()));
             }
@@ -236,7 +322,9 @@ async fn watch_health(
         }
         let until_change = relay
             .next_change()
-            .map(|t| Duration::try_from(t.duration_since(relay.clock.now())).unwrap_or(Duration::ZERO))
+            .map(|t| {
+                Duration::try_from(t.duration_since(relay.clock.now())).unwrap_or(Duration::ZERO)
+            })
             .unwrap_or(tick)
             .min(tick);
         tokio::select! {
@@ -248,14 +336,45 @@ async fn watch_health(
     }
 }
 
+/// Store rows remembering each key file's identity, so that a disabled key comes back
+/// when an operator replaces its file and restarts (SPEC §4).
+const KEY_FILE_ROW: &str = "keyfile/";
+
+/// `keyfile/{label}` → size, modification time and inode of the key file: enough to see
+/// it was replaced, and nothing derived from the secret itself. Keys from the
+/// environment have no row; `keyrelay reset` brings those back.
+fn key_file_rows(config: &Config) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    config
+        .providers
+        .iter()
+        .flat_map(|p| &p.keys)
+        .filter_map(|k| match &k.secret_source {
+            crate::config::SecretSource::File(path) => std::fs::metadata(path).ok().map(|m| {
+                let identity = format!("{}:{}.{}:{}", m.len(), m.mtime(), m.mtime_nsec(), m.ino());
+                (format!("{KEY_FILE_ROW}{}", k.label), identity.into_bytes())
+            }),
+            crate::config::SecretSource::Env(_) => None,
+        })
+        .collect()
+}
+
 /// The one-line summary systemd shows (`systemctl status`).
 fn status_line(health: &health::Health, broker_up: bool) -> String {
-    let ready = health.keys.iter().filter(|k| k.state == health::KeyState::Ready).count();
+    let ready = health
+        .keys
+        .iter()
+        .filter(|k| k.state == health::KeyState::Ready)
+        .count();
     format!(
         "{}/{} keys ready, {} queued, broker {}",
         ready,
         health.keys.len(),
         health.queue,
-        if broker_up { "connected" } else { "unreachable" }
+        if broker_up {
+            "connected"
+        } else {
+            "unreachable"
+        }
     )
 }

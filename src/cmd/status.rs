@@ -14,7 +14,11 @@ pub async fn run(path: &Path, json: bool) -> Result<ExitCode, CmdError> {
     let config = super::load_config(path)?;
     let health = match ask_daemon(&config, &Request::Status).await {
         Some(response) => response.health.ok_or_else(|| {
-            CmdError::Runtime(response.error.unwrap_or_else(|| "the daemon sent no health".into()))
+            CmdError::Runtime(
+                response
+                    .error
+                    .unwrap_or_else(|| "the daemon sent no health".into()),
+            )
         })?,
         None => offline::health(&config).await?,
     };
@@ -27,7 +31,10 @@ pub async fn run(path: &Path, json: bool) -> Result<ExitCode, CmdError> {
 }
 
 /// The daemon's answer, or `None` when no daemon listens.
-pub async fn ask_daemon(config: &crate::config::Config, req: &Request) -> Option<control::Response> {
+pub async fn ask_daemon(
+    config: &crate::config::Config,
+    req: &Request,
+) -> Option<control::Response> {
     for path in super::control_socket_candidates(config) {
         match control::request(&path, req).await {
             Ok(response) => return Some(response),
@@ -52,7 +59,11 @@ pub fn table(health: &Value) -> String {
         text(&health["clock"]),
         health["queue"]
     );
-    let _ = writeln!(out, "{:<16} {:<10} {:<10} {:<22} {:<28} REASON", "KEY", "PROVIDER", "STATE", "UNTIL", "LEFT TODAY");
+    let _ = writeln!(
+        out,
+        "{:<16} {:<10} {:<10} {:<22} {:<28} REASON",
+        "KEY", "PROVIDER", "STATE", "UNTIL", "LEFT TODAY"
+    );
     for key in health["keys"].as_array().into_iter().flatten() {
         let remaining = key["remaining"]
             .as_object()
@@ -60,9 +71,21 @@ pub fn table(health: &Value) -> String {
                 models
                     .iter()
                     .map(|(model, r)| {
-                        let part = |name: &str| r.get(name).and_then(Value::as_u64).map(|n| format!("{n} {name}"));
-                        let parts: Vec<String> = [part("rpd"), part("tpd")].into_iter().flatten().collect();
-                        format!("{model}: {}", if parts.is_empty() { "unlimited".into() } else { parts.join(", ") })
+                        let part = |name: &str| {
+                            r.get(name)
+                                .and_then(Value::as_u64)
+                                .map(|n| format!("{n} {name}"))
+                        };
+                        let parts: Vec<String> =
+                            [part("rpd"), part("tpd")].into_iter().flatten().collect();
+                        format!(
+                            "{model}: {}",
+                            if parts.is_empty() {
+                                "unlimited".into()
+                            } else {
+                                parts.join(", ")
+                            }
+                        )
                     })
                     .collect::<Vec<_>>()
                     .join("; ")
@@ -98,7 +121,9 @@ pub mod offline {
             .map_err(|e| CmdError::Runtime(e.to_string()))?
             .map_err(|e| CmdError::Runtime(e.to_string()))?;
         let mut rotator = Rotator::new(config);
-        rotator.restore(loaded.rows).map_err(|e| CmdError::Runtime(e.to_string()))?;
+        rotator
+            .restore(loaded.rows)
+            .map_err(|e| CmdError::Runtime(e.to_string()))?;
         Ok((store, rotator))
     }
 

@@ -14,7 +14,9 @@ const MODEL: &str = "llama-3.3-70b-versatile";
 const GEMINI_MODEL: &str = "gemini-2.0-flash";
 
 fn secrets(n: usize) -> Vec<(String, String)> {
-    (1..=n).map(|i| (format!("groq-{i}"), format!("gsk_budget_test_key_{i:04}"))).collect()
+    (1..=n)
+        .map(|i| (format!("groq-{i}"), format!("gsk_budget_test_key_{i:04}")))
+        .collect()
 }
 
 fn as_refs(keys: &[(String, String)]) -> Vec<(&str, &str)> {
@@ -22,12 +24,26 @@ fn as_refs(keys: &[(String, String)]) -> Vec<(&str, &str)> {
 }
 
 /// Publishes `n` tasks at once and collects their replies by id.
-async fn burst(client: &mut Client, prefix: &str, n: usize, extra: Value) -> std::collections::HashMap<String, Value> {
+async fn burst(
+    client: &mut Client,
+    prefix: &str,
+    n: usize,
+    extra: Value,
+) -> std::collections::HashMap<String, Value> {
     let topic = format!("clients/{prefix}/replies");
     for i in 0..n {
         let mut more = extra.clone();
         more["reply_to"] = json!(topic);
-        client.publish("keyrelay/tasks", task(&format!("{prefix}-{i}"), &format!("{prefix} task {i}"), more)).await;
+        client
+            .publish(
+                "keyrelay/tasks",
+                task(
+                    &format!("{prefix}-{i}"),
+                    &format!("{prefix} task {i}"),
+                    more,
+                ),
+            )
+            .await;
     }
     client.replies(&topic, n).await
 }
@@ -49,7 +65,11 @@ async fn correct_limits_serve_everything_without_a_single_429() {
     assert!(replies.values().all(|v| v["status"] == "ok"), "{replies:?}");
     assert_eq!(fake.rate_limited(), 0, "the provider had to refuse a call");
     for (_, secret) in &keys {
-        assert_eq!(fake.calls(secret), 5, "the load was not spread over the keys");
+        assert_eq!(
+            fake.calls(secret),
+            5,
+            "the load was not spread over the keys"
+        );
     }
 }
 
@@ -68,15 +88,33 @@ async fn limits_set_too_high_are_absorbed_and_a_cooling_key_is_left_alone() {
     let mut client = Client::connect(broker.port, "high").await;
     client.subscribe("clients/#").await;
     let replies = burst(&mut client, "high", 9, json!({"deadline_secs": 60})).await;
-    assert!(replies.values().all(|v| v["status"] == "ok"), "a client saw a rate limit: {replies:?}");
-    assert!(fake.rate_limited() >= 1, "the first key should have been refused");
+    assert!(
+        replies.values().all(|v| v["status"] == "ok"),
+        "a client saw a rate limit: {replies:?}"
+    );
+    assert!(
+        fake.rate_limited() >= 1,
+        "the first key should have been refused"
+    );
     // One served; the rest were refused while already in flight when the first 429 came.
     let calls = fake.calls(&keys[0].1);
-    assert!(calls <= 3, "the first key was called {calls} times by 9 tasks over 3 keys");
+    assert!(
+        calls <= 3,
+        "the first key was called {calls} times by 9 tasks over 3 keys"
+    );
     // Still cooling: a second burst goes to the other keys only.
     let replies = burst(&mut client, "again", 6, json!({"deadline_secs": 60})).await;
-    assert!(replies.values().all(|v| v["status"] == "ok" && v["key"] != "groq-1"), "{replies:?}");
-    assert_eq!(fake.calls(&keys[0].1), calls, "a cooling key was called again");
+    assert!(
+        replies
+            .values()
+            .all(|v| v["status"] == "ok" && v["key"] != "groq-1"),
+        "{replies:?}"
+    );
+    assert_eq!(
+        fake.calls(&keys[0].1),
+        calls,
+        "a cooling key was called again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -100,8 +138,13 @@ async fn a_daily_limit_exhausts_the_key_and_the_next_task_costs_no_call() {
     let two = burst(&mut client, "day2", 1, json!({"deadline_secs": 60})).await;
     let v = &two["day2-0"];
     assert_eq!(v["error"]["code"], "budget_exhausted", "{v}");
-    let retry = v["error"]["retry_after_secs"].as_u64().expect("retry_after_secs");
-    assert!(retry > 60 && retry <= 86_400, "retry_after_secs should point at LA midnight: {retry}");
+    let retry = v["error"]["retry_after_secs"]
+        .as_u64()
+        .expect("retry_after_secs");
+    assert!(
+        retry > 60 && retry <= 86_400,
+        "retry_after_secs should point at LA midnight: {retry}"
+    );
     let calls = fake.total_calls();
     let three = burst(&mut client, "day3", 1, json!({"deadline_secs": 60})).await;
     assert_eq!(three["day3-0"]["error"]["code"], "budget_exhausted");
@@ -116,9 +159,23 @@ async fn a_spent_provider_falls_back_to_the_next_target() {
     groq.add_key("gsk_fallback_key_000001", FakeLimits::unlimited());
     gemini.add_key("AIzaFallbackKey000000001", FakeLimits::unlimited());
     let mut setup = Setup::new(&broker);
-    setup.groq("groq", &groq.base_url(), MODEL, "rpm = 30\nrpd = 2", &[("groq-1", "gsk_fallback_key_000001")]);
-    setup.gemini("gemini", &gemini.base_url(), GEMINI_MODEL, "rpm = 15\nrpd = 1500", &[("gemini-1", "AIzaFallbackKey000000001")]);
-    setup.body.push_str(&format!("\n[routing]\nauto = [\"groq/{MODEL}\", \"gemini/{GEMINI_MODEL}\"]\n"));
+    setup.groq(
+        "groq",
+        &groq.base_url(),
+        MODEL,
+        "rpm = 30\nrpd = 2",
+        &[("groq-1", "gsk_fallback_key_000001")],
+    );
+    setup.gemini(
+        "gemini",
+        &gemini.base_url(),
+        GEMINI_MODEL,
+        "rpm = 15\nrpd = 1500",
+        &[("gemini-1", "AIzaFallbackKey000000001")],
+    );
+    setup.body.push_str(&format!(
+        "\n[routing]\nauto = [\"groq/{MODEL}\", \"gemini/{GEMINI_MODEL}\"]\n"
+    ));
     let _daemon = Daemon::start(&setup).await;
     let mut client = Client::connect(broker.port, "fb").await;
     client.subscribe("clients/#").await;
@@ -140,7 +197,13 @@ async fn a_redelivered_task_is_answered_again_without_a_second_call() {
     let fake = FakeProvider::start(FakeKind::Groq).await;
     fake.add_key("gsk_dedup_key_00000001", FakeLimits::unlimited());
     let mut setup = Setup::new(&broker);
-    setup.groq("groq", &fake.base_url(), MODEL, "rpm = 30", &[("groq-1", "gsk_dedup_key_00000001")]);
+    setup.groq(
+        "groq",
+        &fake.base_url(),
+        MODEL,
+        "rpm = 30",
+        &[("groq-1", "gsk_dedup_key_00000001")],
+    );
     let mut daemon = Daemon::start(&setup).await;
     let mut client = Client::connect(broker.port, "dup").await;
     client.subscribe("clients/dup").await;
@@ -153,12 +216,21 @@ async fn a_redelivered_task_is_answered_again_without_a_second_call() {
     assert_eq!(fake.total_calls(), 1);
 
     // Also after a restart: the answered id lives in the store.
-    assert_eq!(daemon.terminate(Duration::from_secs(12)).and_then(|s| s.code()), Some(0));
+    assert_eq!(
+        daemon
+            .terminate(Duration::from_secs(12))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
     let _daemon = Daemon::start(&setup).await;
     client.publish("keyrelay/tasks", payload).await;
     let third = client.next_on("clients/dup").await.json();
     assert_eq!(third, first);
-    assert_eq!(fake.total_calls(), 1, "an answered task was sent to a provider again");
+    assert_eq!(
+        fake.total_calls(),
+        1,
+        "an answered task was sent to a provider again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -178,7 +250,14 @@ async fn kill_dash_nine_mid_load_never_overspends_or_resends_an_answered_task() 
     let n = 10;
     for i in 0..n {
         client
-            .publish("keyrelay/tasks", task(&format!("c{i}"), &format!("crash task {i}"), json!({"reply_to": "clients/crash", "deadline_secs": 110})))
+            .publish(
+                "keyrelay/tasks",
+                task(
+                    &format!("c{i}"),
+                    &format!("crash task {i}"),
+                    json!({"reply_to": "clients/crash", "deadline_secs": 110}),
+                ),
+            )
             .await;
     }
     let mut answered_before = HashSet::new();
@@ -205,17 +284,32 @@ async fn kill_dash_nine_mid_load_never_overspends_or_resends_an_answered_task() 
         daemon.log_text()
     );
     for (_, secret) in &keys {
-        assert!(fake.calls(secret) <= 3, "a key was called {} times in a minute", fake.calls(secret));
+        assert!(
+            fake.calls(secret) <= 3,
+            "a key was called {} times in a minute",
+            fake.calls(secret)
+        );
     }
     let prompts: Vec<String> = fake
         .recorded()
         .iter()
-        .map(|r| r.body["messages"][0]["content"].as_str().unwrap_or_default().to_owned())
+        .map(|r| {
+            r.body["messages"][0]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .collect();
     for id in &answered_before {
         let i: usize = id[1..].parse().unwrap();
-        let sent = prompts.iter().filter(|p| **p == format!("crash task {i}")).count();
-        assert_eq!(sent, 1, "task {id} was answered before the crash but sent {sent} times");
+        let sent = prompts
+            .iter()
+            .filter(|p| **p == format!("crash task {i}"))
+            .count();
+        assert_eq!(
+            sent, 1,
+            "task {id} was answered before the crash but sent {sent} times"
+        );
     }
 }
 
@@ -225,12 +319,23 @@ async fn a_corrupted_state_file_is_refused_and_nothing_is_spent() {
     let fake = FakeProvider::start(FakeKind::Groq).await;
     fake.add_key("gsk_corrupt_key_0000001", FakeLimits::unlimited());
     let mut setup = Setup::new(&broker);
-    setup.groq("groq", &fake.base_url(), MODEL, "rpm = 30", &[("groq-1", "gsk_corrupt_key_0000001")]);
+    setup.groq(
+        "groq",
+        &fake.base_url(),
+        MODEL,
+        "rpm = 30",
+        &[("groq-1", "gsk_corrupt_key_0000001")],
+    );
     setup.leds_file();
     // A real state file, with bytes flipped in the middle.
     {
         let mut daemon = Daemon::start(&setup).await;
-        assert_eq!(daemon.terminate(Duration::from_secs(12)).and_then(|s| s.code()), Some(0));
+        assert_eq!(
+            daemon
+                .terminate(Duration::from_secs(12))
+                .and_then(|s| s.code()),
+            Some(0)
+        );
     }
     let state = setup.state_dir().join("keyrelay.redb");
     let mut bytes = std::fs::read(&state).unwrap();
@@ -243,19 +348,42 @@ async fn a_corrupted_state_file_is_refused_and_nothing_is_spent() {
     let daemon = Daemon::spawn(&setup, &[]);
     let mut client = Client::connect(broker.port, "corrupt").await;
     client.subscribe("clients/corrupt").await;
-    client.publish("keyrelay/tasks", task("x1", "x", json!({"reply_to": "clients/corrupt"}))).await;
+    client
+        .publish(
+            "keyrelay/tasks",
+            task("x1", "x", json!({"reply_to": "clients/corrupt"})),
+        )
+        .await;
     let deadline = Instant::now() + WAIT;
     loop {
         let leds = std::fs::read_to_string(setup.led_file()).unwrap_or_default();
         if leds.contains("\"red\":\"blink\"") {
             break;
         }
-        assert!(Instant::now() < deadline, "red is not blinking: {leds}; log:\n{}", daemon.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "red is not blinking: {leds}; log:\n{}",
+            daemon.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let log = daemon.log_text();
-    assert!(log.contains(&state.display().to_string()), "the error does not name the file:\n{log}");
-    assert!(client.next_within(Duration::from_secs(2)).await.is_none(), "a task was served without a usable store");
-    assert_eq!(fake.total_calls(), 0, "budget was spent without a usable store");
-    assert_eq!(std::fs::read(&state).unwrap(), bytes, "the damaged file was changed");
+    assert!(
+        log.contains(&state.display().to_string()),
+        "the error does not name the file:\n{log}"
+    );
+    assert!(
+        client.next_within(Duration::from_secs(2)).await.is_none(),
+        "a task was served without a usable store"
+    );
+    assert_eq!(
+        fake.total_calls(),
+        0,
+        "budget was spent without a usable store"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        bytes,
+        "the damaged file was changed"
+    );
 }

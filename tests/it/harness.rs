@@ -23,7 +23,11 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// A free loopback port (bound and released; Mosquitto takes it right after).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A real Mosquitto broker.
@@ -65,7 +69,11 @@ impl Broker {
         self.child = Some(child);
         let deadline = Instant::now() + WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start on port {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on port {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -151,15 +159,37 @@ impl Setup {
     }
 
     /// Adds an OpenAI-kind (Groq-like) provider with keys `(label, secret)`.
-    pub fn groq(&mut self, name: &str, base_url: &str, model: &str, limits: &str, keys: &[(&str, &str)]) {
+    pub fn groq(
+        &mut self,
+        name: &str,
+        base_url: &str,
+        model: &str,
+        limits: &str,
+        keys: &[(&str, &str)],
+    ) {
         self.provider(name, "openai", base_url, model, limits, keys);
     }
 
-    pub fn gemini(&mut self, name: &str, base_url: &str, model: &str, limits: &str, keys: &[(&str, &str)]) {
+    pub fn gemini(
+        &mut self,
+        name: &str,
+        base_url: &str,
+        model: &str,
+        limits: &str,
+        keys: &[(&str, &str)],
+    ) {
         self.provider(name, "gemini", base_url, model, limits, keys);
     }
 
-    fn provider(&mut self, name: &str, kind: &str, base_url: &str, model: &str, limits: &str, keys: &[(&str, &str)]) {
+    fn provider(
+        &mut self,
+        name: &str,
+        kind: &str,
+        base_url: &str,
+        model: &str,
+        limits: &str,
+        keys: &[(&str, &str)],
+    ) {
         let mut text = format!(
             "\n[[providers]]\nname = \"{name}\"\nkind = \"{kind}\"\nbase_url = \"{base_url}\"\ntimeout_secs = 5\n[providers.models.\"{model}\"]\n{limits}\n"
         );
@@ -202,7 +232,9 @@ impl Daemon {
         watcher.subscribe(&topic).await;
         let deadline = Instant::now() + WAIT;
         loop {
-            let m = watcher.next_within(deadline.saturating_duration_since(Instant::now())).await;
+            let m = watcher
+                .next_within(deadline.saturating_duration_since(Instant::now()))
+                .await;
             match m {
                 Some(m) if m.topic == topic && m.payload == b"online".as_slice() => break,
                 Some(_) => continue,
@@ -215,7 +247,10 @@ impl Daemon {
     /// Spawns the daemon with extra environment variables, without waiting.
     pub fn spawn(setup: &Setup, env: &[(&str, &str)]) -> Daemon {
         let config = setup.write_config();
-        let log = setup.dir.path().join(format!("keyrelay-{}.log", fastrand::u32(..)));
+        let log = setup
+            .dir
+            .path()
+            .join(format!("keyrelay-{}.log", fastrand::u32(..)));
         let stderr = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(keyrelay_bin());
         cmd.arg("run")
@@ -297,7 +332,8 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(port: u16, id: &str) -> Client {
-        let mut options = MqttOptions::new(format!("{id}-{}", fastrand::u32(..)), "127.0.0.1", port);
+        let mut options =
+            MqttOptions::new(format!("{id}-{}", fastrand::u32(..)), "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(5));
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -327,15 +363,29 @@ impl Client {
     }
 
     pub async fn subscribe(&mut self, topic: &str) {
-        self.client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
-        tokio::time::timeout(WAIT, self.suback.notified()).await.expect("no SUBACK");
+        self.client
+            .subscribe(topic, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, self.suback.notified())
+            .await
+            .expect("no SUBACK");
     }
 
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await.unwrap();
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .unwrap();
     }
 
-    pub async fn publish_v5(&self, topic: &str, payload: impl Into<Vec<u8>>, response_topic: Option<&str>, correlation: Option<&[u8]>) {
+    pub async fn publish_v5(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        response_topic: Option<&str>,
+        correlation: Option<&[u8]>,
+    ) {
         let props = PublishProperties {
             response_topic: response_topic.map(str::to_owned),
             correlation_data: correlation.map(Bytes::copy_from_slice),
@@ -348,7 +398,10 @@ impl Client {
     }
 
     pub async fn next_within(&mut self, limit: Duration) -> Option<Message> {
-        tokio::time::timeout(limit, self.rx.recv()).await.ok().flatten()
+        tokio::time::timeout(limit, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The next message on `topic`, skipping others; panics after WAIT.
@@ -368,7 +421,10 @@ impl Client {
     pub async fn drain(&mut self, limit: Duration) -> Vec<Message> {
         let deadline = Instant::now() + limit;
         let mut out = Vec::new();
-        while let Some(m) = self.next_within(deadline.saturating_duration_since(Instant::now())).await {
+        while let Some(m) = self
+            .next_within(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
             out.push(m);
         }
         out
