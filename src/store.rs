@@ -55,8 +55,9 @@ const EXPIRE_PER_COMMIT: usize = 1000;
 /// First wait before reopening the file after a failed commit; doubled on each failed attempt.
 const REOPEN_BACKOFF_FIRST: Duration = Duration::from_secs(1);
 
-/// Longest wait between two automatic reopen attempts.
-const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Longest wait between two automatic reopen attempts: an operator who frees the disk
+/// sees keyrelay carry on within this, and a failed attempt costs only an open.
+const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(15);
 
 /// redb's page cache. The state is small; redb's default (1 GiB) is sized for servers, not a Pi.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;

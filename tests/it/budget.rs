@@ -387,3 +387,158 @@ async fn a_corrupted_state_file_is_refused_and_nothing_is_spent() {
         "the damaged file was changed"
     );
 }
+
+/// A tmpfs of `size` mounted at `dir`, unmounted on drop. `None` when this process may
+/// not mount (not root): the test says so and does nothing.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_stops_spending_and_the_daemon_carries_on_once_there_is_room() {
+    let broker = Broker::start();
+    let fake = FakeProvider::start(FakeKind::Groq).await;
+    fake.add_key("gsk_full_disk_key_000001", FakeLimits::unlimited());
+    let mut setup = Setup::new(&broker);
+    setup.groq(
+        "groq",
+        &fake.base_url(),
+        MODEL,
+        "rpm = 30",
+        &[("groq-1", "gsk_full_disk_key_000001")],
+    );
+    setup.leds_file();
+    let Some(_tmpfs) = Tmpfs::mount(&setup.state_dir(), "4m") else {
+        eprintln!("SKIPPED: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    };
+    let daemon = Daemon::start(&setup).await;
+    let mut client = Client::connect(broker.port, "full").await;
+    client.subscribe("clients/full/#").await;
+    let ask = |id: &str, deadline: u64| {
+        task(
+            id,
+            "x",
+            json!({"reply_to": format!("clients/full/{id}"), "deadline_secs": deadline}),
+        )
+    };
+    client.publish("keyrelay/tasks", ask("before", 30)).await;
+    assert_eq!(
+        client.next_on("clients/full/before").await.json()["status"],
+        "ok"
+    );
+
+    // Fill the disk under the state file.
+    let filler = setup.state_dir().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // Tasks keep coming; whatever reaches a provider must have its budget on disk, so
+    // once the lease runs out nothing more is spent, and every task still gets an answer.
+    for i in 0..40 {
+        client
+            .publish("keyrelay/tasks", ask(&format!("full-{i}"), 3))
+            .await;
+    }
+    let mut codes = Vec::new();
+    for _ in 0..40 {
+        let m = client.next_within(WAIT).await;
+        let m = m.unwrap_or_else(|| {
+            panic!(
+                "tasks went unanswered on a full disk: {codes:?}; log:\n{}",
+                daemon.log_text()
+            )
+        });
+        codes.push(
+            m.json()["error"]["code"]
+                .as_str()
+                .unwrap_or("ok")
+                .to_owned(),
+        );
+    }
+    assert!(
+        codes.iter().any(|c| c == "deadline_exceeded"),
+        "nothing was held back on a full disk: {codes:?}"
+    );
+    leds_show_red_blink(&setup, &daemon).await;
+    let log = daemon.log_text();
+    assert!(
+        log.contains("No space left") || log.contains("ENOSPC") || log.contains("full"),
+        "the log does not say the disk is full:\n{log}"
+    );
+    let spent = fake.total_calls();
+    client.publish("keyrelay/tasks", ask("still-full", 2)).await;
+    assert_eq!(
+        client.next_on("clients/full/still-full").await.json()["error"]["code"],
+        "deadline_exceeded"
+    );
+    assert_eq!(
+        fake.total_calls(),
+        spent,
+        "budget was spent that the store could not record"
+    );
+
+    // Room again: the store reopens on its own and tasks are served.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = format!("after-{n}");
+        client.publish("keyrelay/tasks", ask(&id, 5)).await;
+        let v = client.next_on(&format!("clients/full/{id}")).await.json();
+        if v["status"] == "ok" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keyrelay did not carry on after the disk had room; log:\n{}",
+            daemon.log_text()
+        );
+    }
+}
+
+async fn leds_show_red_blink(setup: &Setup, daemon: &Daemon) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let leds = std::fs::read_to_string(setup.led_file()).unwrap_or_default();
+        if leds.contains("\"red\":\"blink\"") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "red is not blinking: {leds}; log:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
