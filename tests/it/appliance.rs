@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::fake_provider::{FakeKind, FakeLimits, FakeProvider};
-use crate::harness::{Broker, Client, Daemon, Setup, WAIT, keyrelay, path_str, task};
+use crate::harness::{Broker, Client, Daemon, Setup, WAIT, keyrelay, one_groq_key, path_str, task};
 
 const MODEL: &str = "llama-3.3-70b-versatile";
 
@@ -173,16 +173,8 @@ async fn leds_and_health_tell_the_same_story_from_healthy_to_stopped() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ready_comes_only_once_subscribed_and_the_watchdog_is_fed() {
     let broker = Broker::start();
-    let fake = FakeProvider::start(FakeKind::Groq).await;
-    fake.add_key("gsk_notify_key_0000001", FakeLimits::unlimited());
-    let mut setup = Setup::new(&broker);
-    setup.groq(
-        "groq",
-        &fake.base_url(),
-        MODEL,
-        "rpm = 30",
-        &[("groq-1", "gsk_notify_key_0000001")],
-    );
+    let (setup, _fake) =
+        one_groq_key(&broker, MODEL, "gsk_notify_key_0000001", "rpm = 30").await;
     let socket_path = setup.dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket
@@ -243,17 +235,8 @@ async fn ready_comes_only_once_subscribed_and_the_watchdog_is_fed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_with_a_task_in_flight_still_answers_it_and_exits_zero() {
     let broker = Broker::start();
-    let fake = FakeProvider::start(FakeKind::Groq).await;
-    fake.add_key("gsk_term_key_00000001", FakeLimits::unlimited());
+    let (setup, fake) = one_groq_key(&broker, MODEL, "gsk_term_key_00000001", "rpm = 30").await;
     fake.delay("gsk_term_key_00000001", Duration::from_secs(2));
-    let mut setup = Setup::new(&broker);
-    setup.groq(
-        "groq",
-        &fake.base_url(),
-        MODEL,
-        "rpm = 30",
-        &[("groq-1", "gsk_term_key_00000001")],
-    );
     let mut daemon = Daemon::start(&setup).await;
     let mut client = Client::connect(broker.port, "term").await;
     client.subscribe("clients/term").await;

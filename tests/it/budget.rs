@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::fake_provider::{FakeKind, FakeLimits, FakeProvider};
-use crate::harness::{Broker, Client, Daemon, Setup, WAIT, task};
+use crate::harness::{Broker, Client, Daemon, Setup, WAIT, one_groq_key, task};
 
 const MODEL: &str = "llama-3.3-70b-versatile";
 const GEMINI_MODEL: &str = "gemini-2.0-flash";
@@ -194,16 +194,8 @@ async fn a_spent_provider_falls_back_to_the_next_target() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redelivered_task_is_answered_again_without_a_second_call() {
     let broker = Broker::start();
-    let fake = FakeProvider::start(FakeKind::Groq).await;
-    fake.add_key("gsk_dedup_key_00000001", FakeLimits::unlimited());
-    let mut setup = Setup::new(&broker);
-    setup.groq(
-        "groq",
-        &fake.base_url(),
-        MODEL,
-        "rpm = 30",
-        &[("groq-1", "gsk_dedup_key_00000001")],
-    );
+    let (setup, fake) =
+        one_groq_key(&broker, MODEL, "gsk_dedup_key_00000001", "rpm = 30").await;
     let mut daemon = Daemon::start(&setup).await;
     let mut client = Client::connect(broker.port, "dup").await;
     client.subscribe("clients/dup").await;
@@ -316,16 +308,8 @@ async fn kill_dash_nine_mid_load_never_overspends_or_resends_an_answered_task() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupted_state_file_is_refused_and_nothing_is_spent() {
     let broker = Broker::start();
-    let fake = FakeProvider::start(FakeKind::Groq).await;
-    fake.add_key("gsk_corrupt_key_0000001", FakeLimits::unlimited());
-    let mut setup = Setup::new(&broker);
-    setup.groq(
-        "groq",
-        &fake.base_url(),
-        MODEL,
-        "rpm = 30",
-        &[("groq-1", "gsk_corrupt_key_0000001")],
-    );
+    let (mut setup, fake) =
+        one_groq_key(&broker, MODEL, "gsk_corrupt_key_0000001", "rpm = 30").await;
     setup.leds_file();
     // A real state file, with bytes flipped in the middle.
     {
@@ -422,16 +406,8 @@ impl Drop for Tmpfs {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_stops_spending_and_the_daemon_carries_on_once_there_is_room() {
     let broker = Broker::start();
-    let fake = FakeProvider::start(FakeKind::Groq).await;
-    fake.add_key("gsk_full_disk_key_000001", FakeLimits::unlimited());
-    let mut setup = Setup::new(&broker);
-    setup.groq(
-        "groq",
-        &fake.base_url(),
-        MODEL,
-        "rpm = 30",
-        &[("groq-1", "gsk_full_disk_key_000001")],
-    );
+    let (mut setup, fake) =
+        one_groq_key(&broker, MODEL, "gsk_full_disk_key_000001", "rpm = 30").await;
     setup.leds_file();
     let Some(_tmpfs) = Tmpfs::mount(&setup.state_dir(), "4m") else {
         eprintln!("SKIPPED: mounting a tmpfs needs root (CI runs as root)");

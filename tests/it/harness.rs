@@ -469,3 +469,25 @@ pub fn keyrelay(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A Groq fake that knows one unlimited key, and a config with that key as `groq-1`
+/// under `config_limits` for `model`.
+pub async fn one_groq_key(
+    broker: &Broker,
+    model: &str,
+    secret: &str,
+    config_limits: &str,
+) -> (Setup, crate::fake_provider::FakeProvider) {
+    use crate::fake_provider::{FakeKind, FakeLimits, FakeProvider};
+    let fake = FakeProvider::start(FakeKind::Groq).await;
+    fake.add_key(secret, FakeLimits::unlimited());
+    let mut setup = Setup::new(broker);
+    setup.groq(
+        "groq",
+        &fake.base_url(),
+        model,
+        config_limits,
+        &[("groq-1", secret)],
+    );
+    (setup, fake)
+}
