@@ -32,8 +32,7 @@ use keyrelay::config::{
 };
 use keyrelay::ledger::Cost;
 use keyrelay::provider::{
-    CallOutcome, ChatMessage, ChatRequest, Completion, Failure, LimitScope, RateLimitHeaders,
-    Usage,
+    CallOutcome, ChatMessage, ChatRequest, Completion, Failure, LimitScope, RateLimitHeaders, Usage,
 };
 use keyrelay::rotator::{Attempt, Call, Next, Plan, Rotator};
 use keyrelay::secret::Secret;
@@ -47,8 +46,10 @@ const DAY_MS: i64 = 86_400_000;
 const MINUTE_MS: i64 = 60_000;
 const DEADLINE_MS: i64 = 120_000;
 
-/// Demand over the pool's nominal daily capacity.
+/// Demand over the pool's nominal daily capacity: the headline run, and a second one
+/// with lighter demand, where the batches strain the pool more than the day budgets do.
 const OVERSUBSCRIPTION: f64 = 1.3;
+const WITHIN_BUDGET: f64 = 0.6;
 /// Share of the tasks that come in batches.
 const BATCH_SHARE: f64 = 0.3;
 const BATCH_SIZE: std::ops::RangeInclusive<usize> = 50..=300;
@@ -136,6 +137,8 @@ fn next_midnight(tz: &TimeZone, now: i64) -> i64 {
 
 struct Task {
     arrival: i64,
+    /// Submitted with a batch rather than alone.
+    batched: bool,
     deadline: i64,
     request: ChatRequest,
     cost: Cost,
@@ -152,8 +155,18 @@ impl Task {
 }
 
 const WORDS: [&str; 12] = [
-    "summarise", "the", "following", "customer", "review", "and", "rate", "its", "tone",
-    "briefly", "in", "English",
+    "summarise",
+    "the",
+    "following",
+    "customer",
+    "review",
+    "and",
+    "rate",
+    "its",
+    "tone",
+    "briefly",
+    "in",
+    "English",
 ];
 
 fn prompt(rng: &mut fastrand::Rng, chars: usize) -> String {
@@ -166,12 +179,13 @@ fn prompt(rng: &mut fastrand::Rng, chars: usize) -> String {
     text
 }
 
-fn make_task(rng: &mut fastrand::Rng, arrival: i64) -> Task {
+fn make_task(rng: &mut fastrand::Rng, arrival: i64, batched: bool) -> Task {
+    let chars = rng.usize(PROMPT_CHARS);
     let request = ChatRequest {
         model: "auto".to_owned(),
         messages: vec![ChatMessage {
             role: "user".to_owned(),
-            content: prompt(rng, rng.usize(PROMPT_CHARS)),
+            content: prompt(rng, chars),
         }],
         max_tokens: Some(rng.u32(MAX_TOKENS)),
         temperature: None,
@@ -184,6 +198,7 @@ fn make_task(rng: &mut fastrand::Rng, arrival: i64) -> Task {
     let share = PROMPT_SHARE.start + rng.f64() * (PROMPT_SHARE.end - PROMPT_SHARE.start);
     Task {
         arrival,
+        batched,
         deadline: arrival + DEADLINE_MS,
         prompt_tokens: ((estimated_prompt as f64) * share).round() as u64,
         completion_tokens: rng.u64(MIN_COMPLETION..=max_tokens),
@@ -208,23 +223,24 @@ fn nominal_capacity() -> f64 {
     groq + gemini
 }
 
-fn demand(seed: u64, start: i64) -> Vec<Task> {
+fn demand(seed: u64, start: i64, factor: f64) -> Vec<Task> {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let total = (nominal_capacity() * OVERSUBSCRIPTION).round() as usize;
+    let total = (nominal_capacity() * factor).round() as usize;
     let batched = (total as f64 * BATCH_SHARE) as usize;
-    let mut arrivals: Vec<i64> = Vec::with_capacity(total);
+    // (when, in a batch)
+    let mut arrivals: Vec<(i64, bool)> = Vec::with_capacity(total);
     while arrivals.len() < batched {
         let at = start + rng.i64(0..DAY_MS - BATCH_SPREAD_MS);
         let size = rng.usize(BATCH_SIZE).min(batched - arrivals.len());
-        arrivals.extend((0..size).map(|_| at + rng.i64(0..BATCH_SPREAD_MS)));
+        arrivals.extend((0..size).map(|_| (at + rng.i64(0..BATCH_SPREAD_MS), true)));
     }
     while arrivals.len() < total {
-        arrivals.push(start + rng.i64(0..DAY_MS));
+        arrivals.push((start + rng.i64(0..DAY_MS), false));
     }
     arrivals.sort_unstable();
     arrivals
         .into_iter()
-        .map(|at| make_task(&mut rng, at))
+        .map(|(at, batched)| make_task(&mut rng, at, batched))
         .collect()
 }
 
@@ -236,7 +252,7 @@ enum Wire {
     Gemini,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Meter {
     Rpd,
     Tpd,
@@ -391,7 +407,10 @@ impl SimKey {
                 remaining_requests: Some(self.limits.rpd.saturating_sub(self.day.requests)),
                 reset_requests: Some(Self::next_leave(&self.day, DAY_MS, now)),
                 limit_tokens: self.limits.tpm,
-                remaining_tokens: self.limits.tpm.map(|l| l.saturating_sub(self.minute.tokens)),
+                remaining_tokens: self
+                    .limits
+                    .tpm
+                    .map(|l| l.saturating_sub(self.minute.tokens)),
                 reset_tokens: Some(Self::next_leave(&self.minute, MINUTE_MS, now)),
                 retry_after,
             },
@@ -400,7 +419,7 @@ impl SimKey {
 
     /// A 429 classified as keyrelay's provider clients classify the real one.
     fn refuse(&self, meter: Meter, free: i64, requested: u64, now: i64) -> CallOutcome {
-        let wait_secs = u64::try_from((free - now).max(0).div_ceil(1000)).unwrap_or(u64::MAX);
+        let wait_secs = u64::try_from(free - now).map_or(0, |ms| ms.div_ceil(1000));
         let scope = if meter.is_day() {
             LimitScope::Day
         } else {
@@ -409,7 +428,12 @@ impl SimKey {
         let (failure, headers) = match self.wire {
             Wire::Groq => {
                 let (what, limit, used, asked) = match meter {
-                    Meter::Rpd => ("requests per day (RPD)", self.limits.rpd, self.day.requests, 1),
+                    Meter::Rpd => (
+                        "requests per day (RPD)",
+                        self.limits.rpd,
+                        self.day.requests,
+                        1,
+                    ),
                     Meter::Tpd => (
                         "tokens per day (TPD)",
                         self.limits.tpd.unwrap_or(0),
@@ -451,7 +475,10 @@ impl SimKey {
                 let (quota, retry_after) = if meter.is_day() {
                     ("GenerateRequestsPerDayPerProjectPerModel-FreeTier", 0)
                 } else {
-                    ("GenerateRequestsPerMinutePerProjectPerModel-FreeTier", wait_secs)
+                    (
+                        "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                        wait_secs,
+                    )
                 };
                 let detail = format!(
                     "HTTP 429: quota {quota} exceeded: You exceeded your current quota, please \
@@ -473,12 +500,13 @@ impl SimKey {
         }
     }
 
-    /// One call: refused if any real limit is short, else counted and answered.
-    fn call(&mut self, task: &Task, now: i64) -> CallOutcome {
+    /// One call: refused if any real limit is short (with the limit), else counted and
+    /// answered.
+    fn call(&mut self, task: &Task, now: i64) -> (CallOutcome, Option<Meter>) {
         self.prune(now);
         let requested = task.requested_tokens();
         if let Some((meter, free)) = self.refusal(requested, now) {
-            return self.refuse(meter, free, requested, now);
+            return (self.refuse(meter, free, requested, now), Some(meter));
         }
         let usage = Usage {
             prompt_tokens: task.prompt_tokens,
@@ -486,13 +514,14 @@ impl SimKey {
         };
         self.minute.push(now, usage.total());
         self.day.push(now, usage.total());
-        CallOutcome {
+        let outcome = CallOutcome {
             result: Ok(Completion {
                 content: "ok".to_owned(),
                 usage,
             }),
             headers: self.headers(now, None),
-        }
+        };
+        (outcome, None)
     }
 }
 
@@ -537,8 +566,14 @@ impl World {
 
     /// Calls key `key`: the outcome, and when it arrives.
     fn call(&mut self, key: usize, task: &Task, now: i64, tally: &mut Tally) -> (CallOutcome, i64) {
-        let outcome = self.keys[key].call(task, now);
+        let (outcome, refused) = self.keys[key].call(task, now);
         tally.calls += 1;
+        if let Some(meter) = refused {
+            *tally
+                .refused_by
+                .entry((self.keys[key].wire, meter))
+                .or_default() += 1;
+        }
         let latency = match &outcome.result {
             Ok(_) => {
                 *tally.served_by.entry(self.keys[key].wire).or_default() += 1;
@@ -562,10 +597,13 @@ impl World {
 #[derive(Debug, Default)]
 struct Tally {
     served: u64,
+    served_batched: u64,
     calls: u64,
     refused: u64,
     refused_day: u64,
     served_by: BTreeMap<Wire, u64>,
+    /// 429s by provider and the limit that was hit.
+    refused_by: BTreeMap<(Wire, Meter), u64>,
     /// Told "no key frees before the deadline", or (naive) every key refused.
     gave_up: u64,
     /// Reached the deadline while waiting.
@@ -606,11 +644,8 @@ impl<E> Agenda<E> {
 
 enum RelayEvent {
     Plan(usize),
-    Answer {
-        task: usize,
-        call: Call,
-        outcome: CallOutcome,
-    },
+    /// Boxed: the answer is large and most events are plans.
+    Answer(Box<(usize, Call, CallOutcome)>),
 }
 
 /// (a), (b): the daemon's loop for each task, on the real rotator.
@@ -650,14 +685,7 @@ fn keyrelay(config: &Config, tasks: &[Task], seed: u64) -> Tally {
                     Plan::Call(call) => {
                         let key = world.by_label[&call.label];
                         let (outcome, at) = world.call(key, task, now, &mut tally);
-                        agenda.at(
-                            at,
-                            RelayEvent::Answer {
-                                task: i,
-                                call,
-                                outcome,
-                            },
-                        );
+                        agenda.at(at, RelayEvent::Answer(Box::new((i, call, outcome))));
                     }
                     Plan::Wait { until } => {
                         waiting[i] = true;
@@ -668,22 +696,16 @@ fn keyrelay(config: &Config, tasks: &[Task], seed: u64) -> Tally {
                     Plan::Exhausted { .. } => tally.gave_up += 1,
                 }
             }
-            RelayEvent::Answer {
-                task,
-                call,
-                outcome,
-            } => {
+            RelayEvent::Answer(answer) => {
+                let (task, call, outcome) = *answer;
                 let jitter = world.rng.f64();
-                let next = rotator.record(
-                    &call,
-                    &outcome,
-                    &mut attempts[task],
-                    ts(now),
-                    true,
-                    jitter,
-                );
+                let next =
+                    rotator.record(&call, &outcome, &mut attempts[task], ts(now), true, jitter);
                 match next {
-                    Next::Done if outcome.result.is_ok() => tally.served += 1,
+                    Next::Done if outcome.result.is_ok() => {
+                        tally.served += 1;
+                        tally.served_batched += u64::from(tasks[task].batched);
+                    }
                     Next::Done | Next::TryNext => agenda.at(now, RelayEvent::Plan(task)),
                     Next::RetryAfter(delay) => {
                         let delay = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
@@ -699,8 +721,17 @@ fn keyrelay(config: &Config, tasks: &[Task], seed: u64) -> Tally {
 }
 
 enum NaiveEvent {
-    Try { task: usize, key: usize, tried: usize },
-    Answer { task: usize, key: usize, tried: usize, ok: bool },
+    Try {
+        task: usize,
+        key: usize,
+        tried: usize,
+    },
+    Answer {
+        task: usize,
+        key: usize,
+        tried: usize,
+        ok: bool,
+    },
 }
 
 /// (c): keys in a ring; on a 429 the next key at once, up to every key, then fail.
@@ -712,11 +743,14 @@ fn naive(tasks: &[Task], seed: u64) -> Tally {
     let mut current = 0usize;
     let mut agenda = Agenda::new();
     for (i, task) in tasks.iter().enumerate() {
-        agenda.at(task.arrival, NaiveEvent::Try {
-            task: i,
-            key: usize::MAX,
-            tried: 0,
-        });
+        agenda.at(
+            task.arrival,
+            NaiveEvent::Try {
+                task: i,
+                key: usize::MAX,
+                tried: 0,
+            },
+        );
     }
     while let Some((now, event)) = agenda.pop() {
         match event {
@@ -725,12 +759,15 @@ fn naive(tasks: &[Task], seed: u64) -> Tally {
                 let key = if key == usize::MAX { current } else { key };
                 let (outcome, at) = world.call(key, &tasks[task], now, &mut tally);
                 let ok = outcome.result.is_ok();
-                agenda.at(at, NaiveEvent::Answer {
-                    task,
-                    key,
-                    tried: tried + 1,
-                    ok,
-                });
+                agenda.at(
+                    at,
+                    NaiveEvent::Answer {
+                        task,
+                        key,
+                        tried: tried + 1,
+                        ok,
+                    },
+                );
             }
             NaiveEvent::Answer {
                 task,
@@ -740,6 +777,7 @@ fn naive(tasks: &[Task], seed: u64) -> Tally {
             } => {
                 if ok {
                     tally.served += 1;
+                    tally.served_batched += u64::from(tasks[task].batched);
                     continue;
                 }
                 if current == key {
@@ -748,11 +786,14 @@ fn naive(tasks: &[Task], seed: u64) -> Tally {
                 if tried >= n {
                     tally.gave_up += 1;
                 } else {
-                    agenda.at(now, NaiveEvent::Try {
-                        task,
-                        key: (key + 1) % n,
-                        tried,
-                    });
+                    agenda.at(
+                        now,
+                        NaiveEvent::Try {
+                            task,
+                            key: (key + 1) % n,
+                            tried,
+                        },
+                    );
                 }
             }
         }
@@ -762,14 +803,20 @@ fn naive(tasks: &[Task], seed: u64) -> Tally {
 }
 
 /// (d): knows every key's real windows; serves a task on the first key of the route
-/// with room, as soon as one has room before the deadline. Never refused.
-fn oracle(tasks: &[Task], seed: u64) -> Tally {
+/// with room, as soon as one has room before the deadline. Never refused. With
+/// `expiring_first` it ignores the route's order and spends Gemini's budget, which
+/// is lost at its daily reset, before Groq's rolling one.
+fn oracle(tasks: &[Task], seed: u64, expiring_first: bool) -> Tally {
     let started = Instant::now();
     let mut tally = Tally::default();
     let mut world = World::new(seed);
     let n = world.keys.len();
-    let groq: Vec<usize> = (0..n).filter(|k| world.keys[*k].wire == Wire::Groq).collect();
-    let gemini: Vec<usize> = (0..n).filter(|k| world.keys[*k].wire == Wire::Gemini).collect();
+    let groq: Vec<usize> = (0..n)
+        .filter(|k| world.keys[*k].wire == Wire::Groq)
+        .collect();
+    let gemini: Vec<usize> = (0..n)
+        .filter(|k| world.keys[*k].wire == Wire::Gemini)
+        .collect();
     let mut cursor = [0usize; 2];
     let mut waiting = vec![false; tasks.len()];
     let mut n_waiting = 0usize;
@@ -791,7 +838,12 @@ fn oracle(tasks: &[Task], seed: u64) -> Tally {
             key.prune(now);
         }
         let mut chosen = None;
-        for (group, keys) in [&groq, &gemini].into_iter().enumerate() {
+        let order = if expiring_first {
+            [&gemini, &groq]
+        } else {
+            [&groq, &gemini]
+        };
+        for (group, keys) in order.into_iter().enumerate() {
             // Round-robin within a provider, so the minute budgets are spread.
             for step in 0..keys.len() {
                 let key = keys[(cursor[group] + step) % keys.len()];
@@ -809,6 +861,7 @@ fn oracle(tasks: &[Task], seed: u64) -> Tally {
             let (outcome, _) = world.call(key, task, now, &mut tally);
             assert!(outcome.result.is_ok(), "the oracle was refused");
             tally.served += 1;
+            tally.served_batched += u64::from(task.batched);
             continue;
         }
         let free = world
@@ -933,14 +986,104 @@ fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }
 
+/// Runs every strategy on `tasks` and prints the table; returns keyrelay's (served ÷
+/// oracle, 429s ÷ calls) with correct limits.
+fn scenario(title: &str, tasks: &[Task], seed: u64) -> (f64, f64) {
+    let batched = tasks.iter().filter(|t| t.batched).count();
+    println!(
+        "{title}: {} tasks = {:.1} x nominal capacity {:.0} ({:.0} tokens a task); {batched} in \
+         batches of {}-{} within {} s; deadline {} s each",
+        tasks.len(),
+        tasks.len() as f64 / nominal_capacity(),
+        nominal_capacity(),
+        mean_task_tokens(),
+        BATCH_SIZE.start(),
+        BATCH_SIZE.end(),
+        BATCH_SPREAD_MS / 1000,
+        DEADLINE_MS / 1000,
+    );
+    let runs: Vec<(&str, Tally)> = vec![
+        (
+            "(d) oracle (knows the real windows)",
+            oracle(tasks, seed, false),
+        ),
+        (
+            "(a) keyrelay, correct limits",
+            keyrelay(&pool_config(1), tasks, seed),
+        ),
+        (
+            "(b) keyrelay, limits 2x too high",
+            keyrelay(&pool_config(2), tasks, seed),
+        ),
+        ("(c) naive ring, next key on 429", naive(tasks, seed)),
+        (
+            "(d') oracle, expiring budget first",
+            oracle(tasks, seed, true),
+        ),
+    ];
+    let oracle_served = runs[0].1.served;
+    println!(
+        "  {:<36} {:>7} {:>8} {:>9} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        "strategy",
+        "served",
+        "÷oracle",
+        "429÷calls",
+        "calls/srv",
+        "calls",
+        "429s",
+        "groq",
+        "gemini",
+        "gave up",
+        "timeout",
+    );
+    for (name, t) in &runs {
+        println!(
+            "  {:<36} {:>7} {:>7.2}% {:>8.3}% {:>9.3} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+            name,
+            t.served,
+            100.0 * ratio(t.served, oracle_served),
+            100.0 * ratio(t.refused, t.calls),
+            ratio(t.calls, t.served),
+            t.calls,
+            t.refused,
+            t.served_by.get(&Wire::Groq).copied().unwrap_or(0),
+            t.served_by.get(&Wire::Gemini).copied().unwrap_or(0),
+            t.gave_up,
+            t.timed_out,
+        );
+    }
+    for (name, t) in &runs {
+        let by: Vec<String> = t
+            .refused_by
+            .iter()
+            .map(|((wire, meter), n)| format!("{wire:?} {meter:?} {n}"))
+            .collect();
+        println!(
+            "  {name}: 429s by limit [{}]; batched tasks served {:.1}%, lone tasks {:.1}%; \
+             {} failed otherwise; at most {} waiting; {:.1} s to simulate",
+            by.join(", "),
+            100.0 * ratio(t.served_batched, batched as u64),
+            100.0 * ratio(t.served - t.served_batched, (tasks.len() - batched) as u64),
+            t.failed,
+            t.most_waiting,
+            t.wall.as_secs_f64()
+        );
+    }
+    println!();
+    let a = &runs[1].1;
+    (ratio(a.served, oracle_served), ratio(a.refused, a.calls))
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
 fn main() {
     let seed = std::env::var(SEED_ENV)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_SEED);
     let start = ms(DAY_START.parse::<Timestamp>().expect("DAY_START parses"));
-    let tasks = demand(seed, start);
-    let batched = (tasks.len() as f64 * BATCH_SHARE) as usize;
     println!("budget: one simulated day from {DAY_START} (noon in Los Angeles), seed {seed}");
     println!(
         "pool: {GROQ_KEYS} groq keys (rpm {}, rpd {}, tpm {}, tpd {}, rolling day), then \
@@ -952,81 +1095,19 @@ fn main() {
         GEMINI_LIMITS.rpm,
         GEMINI_LIMITS.rpd,
     );
-    println!(
-        "demand: {} tasks = {OVERSUBSCRIPTION} x nominal capacity {:.0} ({:.0} tokens a task); \
-         {batched} of them in batches of {}-{} within {} s; deadline {} s each",
-        tasks.len(),
-        nominal_capacity(),
-        mean_task_tokens(),
-        BATCH_SIZE.start(),
-        BATCH_SIZE.end(),
-        BATCH_SPREAD_MS / 1000,
-        DEADLINE_MS / 1000,
-    );
     println!();
-
-    let correct = pool_config(1);
-    let too_high = pool_config(2);
-    let runs: Vec<(&str, Tally)> = vec![
-        ("(d) oracle (knows the real windows)", oracle(&tasks, seed)),
-        ("(a) keyrelay, correct limits", keyrelay(&correct, &tasks, seed)),
-        ("(b) keyrelay, limits 2x too high", keyrelay(&too_high, &tasks, seed)),
-        ("(c) naive ring, next key on 429", naive(&tasks, seed)),
-    ];
-    let oracle_served = runs[0].1.served;
-
+    let over = demand(seed, start, OVERSUBSCRIPTION);
+    let (served, refused) = scenario("more demand than budget", &over, seed);
+    let within = demand(seed, start, WITHIN_BUDGET);
+    scenario("lighter demand, the same batches", &within, seed);
     println!(
-        "{:<38} {:>7} {:>8} {:>9} {:>9} {:>8} {:>13} {:>7} {:>7} {:>6} {:>7}",
-        "strategy",
-        "served",
-        "÷oracle",
-        "429÷calls",
-        "calls/srv",
-        "calls",
-        "429s (daily)",
-        "groq",
-        "gemini",
-        "gaveup",
-        "timeout",
-    );
-    for (name, t) in &runs {
-        println!(
-            "{:<38} {:>7} {:>7.2}% {:>8.3}% {:>9.3} {:>8} {:>6} ({:>4}) {:>7} {:>7} {:>6} {:>7}",
-            name,
-            t.served,
-            100.0 * ratio(t.served, oracle_served),
-            100.0 * ratio(t.refused, t.calls),
-            ratio(t.calls, t.served),
-            t.calls,
-            t.refused,
-            t.refused_day,
-            t.served_by.get(&Wire::Groq).copied().unwrap_or(0),
-            t.served_by.get(&Wire::Gemini).copied().unwrap_or(0),
-            t.gave_up,
-            t.timed_out,
-        );
-    }
-    println!();
-    for (name, t) in &runs {
-        println!(
-            "{name}: failed otherwise {}, most tasks waiting at once {}, simulated in {:.1} s",
-            t.failed,
-            t.most_waiting,
-            t.wall.as_secs_f64()
-        );
-    }
-    let a = &runs[1].1;
-    let served = ratio(a.served, oracle_served);
-    let refused = ratio(a.refused, a.calls);
-    println!();
-    println!(
-        "goal, keyrelay with correct limits: served >= {:.0}% of the oracle: {:.2}% {}; \
-         429s <= {:.1}% of calls: {:.3}% {}",
+        "goal, keyrelay with correct limits, more demand than budget: served >= {:.0}% of the \
+         oracle: {:.2}% {}; 429s <= {:.1}% of calls: {:.3}% {}",
         100.0 * GOAL_SERVED_OF_ORACLE,
         100.0 * served,
-        if served >= GOAL_SERVED_OF_ORACLE { "met" } else { "MISSED" },
+        verdict(served >= GOAL_SERVED_OF_ORACLE),
         100.0 * GOAL_REFUSED_OF_CALLS,
         100.0 * refused,
-        if refused <= GOAL_REFUSED_OF_CALLS { "met" } else { "MISSED" },
+        verdict(refused <= GOAL_REFUSED_OF_CALLS),
     );
 }

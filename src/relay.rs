@@ -261,7 +261,8 @@ impl Relay {
             .find(|k| k.label == label)
             .map(|k| k.secret_source.clone())
             .ok_or_else(|| format!("no key is labelled {label:?}"))?;
-        let secret = crate::config::load_secret(&source).map_err(|e| e.to_string())?;
+        let secret = crate::config::load_secret(&source)
+            .map_err(|e| format!("the key of {label} cannot be read: {e}"))?;
         lock(&self.keys).insert(label.to_owned(), secret);
         lock(&self.rotator).reset(label);
         log::info!(event = "key_reset", key = label; "key {label} reset by the operator");
