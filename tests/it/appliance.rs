@@ -173,8 +173,7 @@ async fn leds_and_health_tell_the_same_story_from_healthy_to_stopped() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ready_comes_only_once_subscribed_and_the_watchdog_is_fed() {
     let broker = Broker::start();
-    let (setup, _fake) =
-        one_groq_key(&broker, MODEL, "gsk_notify_key_0000001", "rpm = 30").await;
+    let (setup, _fake) = one_groq_key(&broker, MODEL, "gsk_notify_key_0000001", "rpm = 30").await;
     let socket_path = setup.dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket

@@ -194,8 +194,7 @@ async fn a_spent_provider_falls_back_to_the_next_target() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redelivered_task_is_answered_again_without_a_second_call() {
     let broker = Broker::start();
-    let (setup, fake) =
-        one_groq_key(&broker, MODEL, "gsk_dedup_key_00000001", "rpm = 30").await;
+    let (setup, fake) = one_groq_key(&broker, MODEL, "gsk_dedup_key_00000001", "rpm = 30").await;
     let mut daemon = Daemon::start(&setup).await;
     let mut client = Client::connect(broker.port, "dup").await;
     client.subscribe("clients/dup").await;
