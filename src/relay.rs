@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::GuardedClock;
 use crate::config::{Config, Target};
-use crate::health::{self, Counters, Health};
+use crate::health::{Counters, Health};
 use crate::ledger::Cost;
 use crate::mqtt::{Link, Received, Topics};
 use crate::provider::{Failure, ProviderClient};
@@ -180,16 +180,12 @@ impl Relay {
     pub fn health(&self) -> Health {
         let now = self.clock.now();
         let synced = self.clock.synchronised();
-        let rotator = lock(&self.rotator);
-        let keys = rotator.key_reports(now, synced);
-        let servable = rotator.servable_now(&self.config.routing.auto, now, synced);
-        drop(rotator);
-        health::derive(
-            keys,
-            servable,
+        lock(&self.rotator).health(
+            &self.config.routing.auto,
+            now,
+            synced,
             self.queue_len(),
             self.stats.snapshot(),
-            synced,
         )
     }
 

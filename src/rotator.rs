@@ -827,6 +827,26 @@ impl Rotator {
     }
 
     /// Whether some key of `route` could serve a request now.
+    /// The node's health (SPEC §3) as this rotator sees it, `auto` being the route whose
+    /// service decides between degraded and exhausted.
+    pub fn health(
+        &self,
+        auto: &[Target],
+        now: Timestamp,
+        synced: bool,
+        queue: usize,
+        tasks: crate::health::Counters,
+    ) -> crate::health::Health {
+        let keys = self.key_reports(now, synced);
+        crate::health::derive(
+            keys,
+            self.servable_now(auto, now, synced),
+            queue,
+            tasks,
+            synced,
+        )
+    }
+
     pub fn servable_now(&self, route: &[Target], now: Timestamp, synced: bool) -> bool {
         route.iter().any(|target| {
             self.providers.get(&target.provider).is_some_and(|p| {

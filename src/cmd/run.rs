@@ -32,8 +32,6 @@ pub const PERSIST_INTERVAL: Duration = Duration::from_secs(30);
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(7);
 /// Time for the last publishes and the DISCONNECT to leave.
 pub const DISCONNECT_LIMIT: Duration = Duration::from_secs(1);
-/// How long red blinks before the LEDs go off when the daemon gives up.
-pub const FATAL_BLINK: Duration = Duration::from_secs(3);
 /// How often an unusable state file is tried again.
 pub const STORE_REOPEN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -67,8 +65,7 @@ pub async fn run(path: &Path) -> Result<ExitCode, CmdError> {
         None => Ok(()),
     };
     if result.is_err() {
-        lights_tx.send_replace(health::lights(None, false, false));
-        tokio::time::sleep(FATAL_BLINK).await;
+        leds::fatal_then_off(&lights_tx, &led_stop).await;
     }
     led_stop.cancel();
     system.close();
@@ -270,7 +267,8 @@ async fn watch_health(
     let mut ready = false;
     let mut last_published: Option<(serde_json::Value, tokio::time::Instant)> = None;
     let mut last_persist = tokio::time::Instant::now();
-    let mut finished = relay.stats.snapshot().ok + relay.stats.snapshot().failed;
+    let counters = relay.stats.snapshot();
+    let mut finished = counters.ok + counters.failed;
     let mut changes = relay.watch_changes();
     loop {
         let state = *link.borrow_and_update();

@@ -109,7 +109,7 @@ pub fn table(health: &Value) -> String {
 pub mod offline {
     use super::CmdError;
     use crate::config::Config;
-    use crate::health::{self, Counters};
+    use crate::health::Counters;
     use crate::rotator::Rotator;
     use crate::store::Store;
 
@@ -132,11 +132,14 @@ pub mod offline {
         let clock = crate::clock::SystemClock {
             trust_unsynchronised: config.trust_unsynchronised_clock,
         };
-        let now = jiff::Timestamp::now();
         let synced = crate::clock::Clock::synchronised(&clock);
-        let keys = rotator.key_reports(now, synced);
-        let servable = rotator.servable_now(&config.routing.auto, now, synced);
-        let h = health::derive(keys, servable, 0, Counters::default(), synced);
+        let h = rotator.health(
+            &config.routing.auto,
+            jiff::Timestamp::now(),
+            synced,
+            0,
+            Counters::default(),
+        );
         serde_json::to_value(h).map_err(|e| CmdError::Runtime(e.to_string()))
     }
 }
