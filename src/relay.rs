@@ -507,20 +507,21 @@ impl Relay {
                 log::info!(event = "task_failed", task_id = task.id.as_str(); "task {} failed: {:?}: {}", task.id, e.code, e.message)
             }
         }
-        self.link
-            .publish(topic, json.clone(), false, correlation)
-            .await;
-        self.finish_deliveries(&task.id, first).await;
         let batch = Batch {
             pending_remove: vec![task.id.clone()],
             answered: vec![Answered {
                 id: task.id.clone(),
-                reply: json,
+                reply: json.clone(),
                 at_ms: self.clock.now().as_millisecond(),
             }],
             ..Batch::default()
         };
-        if let Err(e) = self.commit(batch).await {
+        // Queued before the task leaves `in_flight`: a redelivery arriving meanwhile
+        // finds the answer in the store's queue and is not sent to a provider again.
+        let recorded = self.store.commit(batch);
+        self.link.publish(topic, json, false, correlation).await;
+        self.finish_deliveries(&task.id, first).await;
+        if let Err(e) = recorded.await {
             log::warn!("could not record the answer to task {}: {e}", task.id);
         }
         self.changed();
