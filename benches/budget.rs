@@ -21,14 +21,12 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use keyrelay::config::{
-    Config, DailyReset, KeyConfig, LedBackendKind, LedConfig, ModelLimits, MqttConfig,
-    ProviderConfig, ProviderKind, RoutingConfig, SecretSource, Target,
+    Config, DailyReset, KeyConfig, ModelLimits, ProviderConfig, ProviderKind, SecretSource, Target,
 };
 use keyrelay::ledger::Cost;
 use keyrelay::provider::{
@@ -934,50 +932,19 @@ fn pool_config(factor: u64) -> Config {
             GEMINI_KEYS,
         ),
     ];
-    Config {
-        source: PathBuf::from("bench.toml"),
-        node_id: "bench".to_owned(),
-        state_dir: PathBuf::from("state"),
-        log_level: log::LevelFilter::Off,
-        trust_unsynchronised_clock: false,
-        mqtt: MqttConfig {
-            host: "127.0.0.1".to_owned(),
-            port: 1883,
-            tls: false,
-            topic_prefix: "keyrelay".to_owned(),
-            share_group: "keyrelay".to_owned(),
-            username: None,
-            password: None,
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
-            max_payload_bytes: 262_144,
-            allowed_reply_prefixes: None,
-        },
+    Config::from_providers(
         providers,
-        routing: RoutingConfig {
-            auto: vec![
-                Target {
-                    provider: GROQ.to_owned(),
-                    model: GROQ_MODEL.to_owned(),
-                },
-                Target {
-                    provider: GEMINI.to_owned(),
-                    model: GEMINI_MODEL.to_owned(),
-                },
-            ],
-            max_queue: 1000,
-        },
-        leds: LedConfig {
-            backend: LedBackendKind::None,
-            chip: None,
-            green: None,
-            amber: None,
-            red: None,
-            activity: None,
-            path: None,
-        },
-    }
+        vec![
+            Target {
+                provider: GROQ.to_owned(),
+                model: GROQ_MODEL.to_owned(),
+            },
+            Target {
+                provider: GEMINI.to_owned(),
+                model: GEMINI_MODEL.to_owned(),
+            },
+        ],
+    )
 }
 
 // --- Report ---

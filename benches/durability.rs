@@ -13,15 +13,14 @@
 //! counts its write transactions; each is one fsync.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use keyrelay::config::{
-    Config, DailyReset, KeyConfig, LedBackendKind, LedConfig, ModelLimits, MqttConfig,
-    ProviderConfig, ProviderKind, RoutingConfig, SecretSource, Target,
+    Config, DailyReset, KeyConfig, ModelLimits, ProviderConfig, ProviderKind, SecretSource, Target,
 };
 use keyrelay::ledger::Cost;
 use keyrelay::provider::{
@@ -75,44 +74,13 @@ fn config() -> Config {
             })
             .collect(),
     };
-    Config {
-        source: PathBuf::from("bench.toml"),
-        node_id: "bench".to_owned(),
-        state_dir: PathBuf::from("state"),
-        log_level: log::LevelFilter::Off,
-        trust_unsynchronised_clock: false,
-        mqtt: MqttConfig {
-            host: "127.0.0.1".to_owned(),
-            port: 1883,
-            tls: false,
-            topic_prefix: "keyrelay".to_owned(),
-            share_group: "keyrelay".to_owned(),
-            username: None,
-            password: None,
-            ca_file: None,
-            client_cert_file: None,
-            client_key_file: None,
-            max_payload_bytes: 262_144,
-            allowed_reply_prefixes: None,
-        },
-        providers: vec![provider],
-        routing: RoutingConfig {
-            auto: vec![Target {
-                provider: PROVIDER.to_owned(),
-                model: MODEL.to_owned(),
-            }],
-            max_queue: 1000,
-        },
-        leds: LedConfig {
-            backend: LedBackendKind::None,
-            chip: None,
-            green: None,
-            amber: None,
-            red: None,
-            activity: None,
-            path: None,
-        },
-    }
+    Config::from_providers(
+        vec![provider],
+        vec![Target {
+            provider: PROVIDER.to_owned(),
+            model: MODEL.to_owned(),
+        }],
+    )
 }
 
 /// `/proc/self/io`: bytes handed to `write` (`wchar`) and bytes sent to the block

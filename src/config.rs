@@ -405,6 +405,46 @@ pub fn load_secret(source: &SecretSource) -> Result<Secret, SecretError> {
 }
 
 impl Config {
+    /// A config with these providers and `auto` route and every other setting at its
+    /// default (a local broker, no LEDs): for tests and benchmarks that build one in code.
+    pub fn from_providers(providers: Vec<ProviderConfig>, auto: Vec<Target>) -> Config {
+        Config {
+            source: PathBuf::from("keyrelay.toml"),
+            node_id: "keyrelay".to_owned(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            log_level: log::LevelFilter::Info,
+            trust_unsynchronised_clock: false,
+            mqtt: MqttConfig {
+                host: "127.0.0.1".to_owned(),
+                port: 1883,
+                tls: false,
+                topic_prefix: DEFAULT_TOPIC_PREFIX.to_owned(),
+                share_group: DEFAULT_SHARE_GROUP.to_owned(),
+                username: None,
+                password: None,
+                ca_file: None,
+                client_cert_file: None,
+                client_key_file: None,
+                max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+                allowed_reply_prefixes: None,
+            },
+            providers,
+            routing: RoutingConfig {
+                auto,
+                max_queue: DEFAULT_MAX_QUEUE,
+            },
+            leds: LedConfig {
+                backend: LedBackendKind::None,
+                chip: None,
+                green: None,
+                amber: None,
+                red: None,
+                activity: None,
+                path: None,
+            },
+        }
+    }
+
     pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
         self.providers.iter().find(|p| p.name == name)
     }

@@ -1272,14 +1272,10 @@ pub(crate) fn encode<T: Serialize>(id: &str, row: &T) -> Option<(String, Vec<u8>
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{
-        KeyConfig, LedBackendKind, LedConfig, MqttConfig, ProviderConfig, ProviderKind,
-        RoutingConfig, SecretSource, Target,
-    };
+    use crate::config::{KeyConfig, ProviderConfig, ProviderKind, SecretSource, Target};
     use crate::provider::ChatMessage;
     use crate::secret::Secret;
     use proptest::prelude::*;
-    use std::path::PathBuf;
 
     pub(crate) fn limits(
         rpm: Option<u64>,
@@ -1333,41 +1329,7 @@ pub(crate) mod tests {
                 })
             })
             .collect();
-        Config {
-            source: PathBuf::from("test.toml"),
-            node_id: "test".to_owned(),
-            state_dir: PathBuf::from("state"),
-            log_level: log::LevelFilter::Info,
-            trust_unsynchronised_clock: false,
-            mqtt: MqttConfig {
-                host: "127.0.0.1".to_owned(),
-                port: 1883,
-                tls: false,
-                topic_prefix: "keyrelay".to_owned(),
-                share_group: "keyrelay".to_owned(),
-                username: None,
-                password: None,
-                ca_file: None,
-                client_cert_file: None,
-                client_key_file: None,
-                max_payload_bytes: 262_144,
-                allowed_reply_prefixes: None,
-            },
-            providers,
-            routing: RoutingConfig {
-                auto,
-                max_queue: 1000,
-            },
-            leds: LedConfig {
-                backend: LedBackendKind::None,
-                chip: None,
-                green: None,
-                amber: None,
-                red: None,
-                activity: None,
-                path: None,
-            },
-        }
+        Config::from_providers(providers, auto)
     }
 
     pub(crate) fn at(text: &str) -> Timestamp {
