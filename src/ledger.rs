@@ -1332,6 +1332,16 @@ pub(crate) mod tests {
         Config::from_providers(providers, auto)
     }
 
+    /// Exactly `left` tokens fit now: `left` do, one more does not.
+    pub(crate) fn assert_tokens_left(l: &Ledger, b: &BudgetId, t: Timestamp, left: u64) {
+        let cost = |tokens| Cost {
+            requests: 1,
+            tokens,
+        };
+        assert_eq!(l.room(b, cost(left), t, true), Room::Now);
+        assert_ne!(l.room(b, cost(left + 1), t, true), Room::Now);
+    }
+
     pub(crate) fn at(text: &str) -> Timestamp {
         text.parse().expect("timestamp")
     }
@@ -1502,57 +1512,13 @@ pub(crate) mod tests {
             t,
         );
         // 100 used: 900 left.
-        assert_eq!(
-            l.room(
-                &b,
-                Cost {
-                    requests: 1,
-                    tokens: 900
-                },
-                t,
-                true
-            ),
-            Room::Now
-        );
-        assert!(
-            l.room(
-                &b,
-                Cost {
-                    requests: 1,
-                    tokens: 901
-                },
-                t,
-                true
-            ) != Room::Now
-        );
+        assert_tokens_left(&l, &b, t, 900);
         // Settling twice changes nothing.
         l.settle(&r, Usage::default(), t);
         let r2 = l.reserve(&b, cost, t, true).expect("fits");
         l.release(&r2);
         l.release(&r2);
-        assert_eq!(
-            l.room(
-                &b,
-                Cost {
-                    requests: 1,
-                    tokens: 900
-                },
-                t,
-                true
-            ),
-            Room::Now
-        );
-        assert!(
-            l.room(
-                &b,
-                Cost {
-                    requests: 1,
-                    tokens: 901
-                },
-                t,
-                true
-            ) != Room::Now
-        );
+        assert_tokens_left(&l, &b, t, 900);
     }
 
     fn groq_limits() -> ModelLimits {

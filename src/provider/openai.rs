@@ -267,6 +267,16 @@ mod tests {
         )
     }
 
+    /// The wait and scope of a `RateLimited` outcome; panics on anything else.
+    fn rate_limited(outcome: &CallOutcome) -> (Option<Duration>, LimitScope) {
+        match &outcome.result {
+            Err(Failure::RateLimited {
+                retry_after, scope, ..
+            }) => (*retry_after, *scope),
+            other => panic!("expected RateLimited, got {other:?}"),
+        }
+    }
+
     fn groq(name: &str) -> CallOutcome {
         run(&fixture(name), GROQ_KEY)
     }
@@ -328,12 +338,7 @@ mod tests {
         let outcome = groq(include_str!(
             "../../tests/fixtures/providers/groq_429_rpd.http"
         ));
-        let Err(Failure::RateLimited {
-            retry_after, scope, ..
-        }) = outcome.result
-        else {
-            panic!("expected RateLimited, got {:?}", outcome.result);
-        };
+        let (retry_after, scope) = rate_limited(&outcome);
         assert_eq!(scope, LimitScope::Day);
         assert_eq!(retry_after, Some(Duration::from_secs(52)));
         assert_eq!(outcome.headers.remaining_requests, Some(0));
@@ -344,12 +349,7 @@ mod tests {
         let outcome = groq(include_str!(
             "../../tests/fixtures/providers/groq_429_tpd_body_only.http"
         ));
-        let Err(Failure::RateLimited {
-            retry_after, scope, ..
-        }) = outcome.result
-        else {
-            panic!("expected RateLimited, got {:?}", outcome.result);
-        };
+        let (retry_after, scope) = rate_limited(&outcome);
         assert_eq!(scope, LimitScope::Day);
         assert_eq!(
             retry_after,
@@ -365,12 +365,7 @@ mod tests {
             )),
             OPENAI_KEY,
         );
-        let Err(Failure::RateLimited {
-            retry_after, scope, ..
-        }) = outcome.result
-        else {
-            panic!("expected RateLimited, got {:?}", outcome.result);
-        };
+        let (retry_after, scope) = rate_limited(&outcome);
         assert_eq!(scope, LimitScope::Minute);
         // remaining-requests is 0: the requests' reset, not the tokens' one.
         assert_eq!(retry_after, Some(Duration::from_secs(20)));
