@@ -1078,43 +1078,42 @@ impl Ledger {
 
     /// The smallest fraction left of `budget`'s day limits (1.0 without any).
     pub fn day_fraction_left(&self, budget: &BudgetId, now: Timestamp, synced: bool) -> f64 {
-        let Some(b) = self.budgets.get(budget) else {
-            return 1.0;
-        };
-        let view = b.view(self.effective(now), synced);
-        [Meter::Rpd, Meter::Tpd]
-            .into_iter()
-            .filter_map(|m| {
-                let limit = b.limit(m)?;
-                let left = b.left(m, &view)?;
-                Some(if limit == 0 {
-                    0.0
-                } else {
-                    left as f64 / limit as f64
-                })
-            })
-            .fold(1.0, f64::min)
+        self.fraction_left(budget, [Meter::Rpd, Meter::Tpd], now, synced)
+            .unwrap_or(1.0)
     }
 
     /// The smallest fraction left of `budget`'s minute limits (1.0 without any): how the
-    /// rotator spreads load.
+    /// rotator spreads load. An unknown budget has none left.
     pub fn minute_fraction_left(&self, budget: &BudgetId, now: Timestamp, synced: bool) -> f64 {
-        let Some(b) = self.budgets.get(budget) else {
-            return 0.0;
-        };
+        self.fraction_left(budget, [Meter::Rpm, Meter::Tpm], now, synced)
+            .unwrap_or(0.0)
+    }
+
+    /// The smallest fraction left over `meters` (1.0 when none has a limit); `None` for
+    /// an unknown budget.
+    fn fraction_left(
+        &self,
+        budget: &BudgetId,
+        meters: [Meter; 2],
+        now: Timestamp,
+        synced: bool,
+    ) -> Option<f64> {
+        let b = self.budgets.get(budget)?;
         let view = b.view(self.effective(now), synced);
-        [Meter::Rpm, Meter::Tpm]
-            .into_iter()
-            .filter_map(|m| {
-                let limit = b.limit(m)?;
-                let left = b.left(m, &view)?;
-                Some(if limit == 0 {
-                    0.0
-                } else {
-                    left as f64 / limit as f64
+        Some(
+            meters
+                .into_iter()
+                .filter_map(|m| {
+                    let limit = b.limit(m)?;
+                    let left = b.left(m, &view)?;
+                    Some(if limit == 0 {
+                        0.0
+                    } else {
+                        left as f64 / limit as f64
+                    })
                 })
-            })
-            .fold(1.0, f64::min)
+                .fold(1.0, f64::min),
+        )
     }
 
     /// When the oldest usage counted in `budget`'s minute window stops counting.
