@@ -11,7 +11,8 @@
 //! key's real limits with true sliding windows (60 s; 24 h, or since LA midnight) and
 //! answers every call with the `CallOutcome` the real clients classify its HTTP answer
 //! into: usage and Groq's `x-ratelimit-*` headers on success, `RateLimited` with the
-//! provider's delay and scope on a 429. The day starts at noon in Los Angeles, so
+//! provider's delay, scope and the limit it names (Groq's "on requests per minute (RPM):
+//! Limit 30" in the message, Gemini's `quotaId` and `quotaValue`) on a 429. The day starts at noon in Los Angeles, so
 //! Gemini's daily reset falls in its middle.
 //!
 //! Demand is 1.3 × the pool's nominal daily capacity, each task with a 120 s deadline:
@@ -30,7 +31,8 @@ use keyrelay::config::{
 };
 use keyrelay::ledger::Cost;
 use keyrelay::provider::{
-    CallOutcome, ChatMessage, ChatRequest, Completion, Failure, LimitScope, RateLimitHeaders, Usage,
+    CallOutcome, ChatMessage, ChatRequest, Completion, Failure, LimitDimension, LimitScope,
+    RateLimitHeaders, Usage, Violation,
 };
 use keyrelay::rotator::{Attempt, Call, Next, Plan, Rotator};
 use keyrelay::secret::Secret;
@@ -265,6 +267,13 @@ impl Meter {
     fn is_day(self) -> bool {
         matches!(self, Meter::Rpd | Meter::Tpd)
     }
+
+    fn dimension(self) -> LimitDimension {
+        match self {
+            Meter::Rpd | Meter::Rpm => LimitDimension::Requests,
+            Meter::Tpd | Meter::Tpm => LimitDimension::Tokens,
+        }
+    }
 }
 
 /// Usage inside one window: (when, tokens) per request, with running totals.
@@ -423,6 +432,13 @@ impl SimKey {
         } else {
             LimitScope::Minute
         };
+        // Both providers name the limit that refused, with its value: what the
+        // clients read from Groq's message and from Gemini's `quotaValue`.
+        let violations = vec![Violation {
+            scope,
+            dimension: meter.dimension(),
+            limit: self.limit(meter),
+        }];
         let (failure, headers) = match self.wire {
             Wire::Groq => {
                 let (what, limit, used, asked) = match meter {
@@ -463,6 +479,7 @@ impl SimKey {
                     Failure::RateLimited {
                         retry_after,
                         scope,
+                        violations,
                         detail,
                     },
                     self.headers(now, retry_after),
@@ -486,6 +503,7 @@ impl SimKey {
                     Failure::RateLimited {
                         retry_after: Some(Duration::from_secs(retry_after)),
                         scope,
+                        violations,
                         detail,
                     },
                     RateLimitHeaders::default(),

@@ -1,6 +1,7 @@
 //! Budgets: what each key (or account) has spent of its minute and day limits per
 //! model, reservations against them, corrections learned from the providers'
-//! headers, and the leases that keep a crash from ever handing out budget twice.
+//! headers and 429s, and the leases that keep a crash from ever handing out budget
+//! twice.
 //! Pure: time comes in as arguments; nothing here reads a clock or touches a disk.
 //!
 //! Counting is conservative everywhere: usage is kept in time slots, and a slot's
@@ -17,7 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, DailyReset, ModelLimits};
 use crate::health::Remaining;
-use crate::provider::{ChatRequest, RateLimitHeaders, Usage};
+use crate::provider::{
+    ChatRequest, LimitDimension, LimitScope, RateLimitHeaders, Usage, Violation,
+};
 
 /// Length of the minute window.
 const MINUTE_WINDOW_MS: i64 = 60_000;
@@ -59,6 +62,16 @@ const LIMIT_MATCH_FACTOR: f64 = 2.0;
 /// While the clock is unsynchronised a day window cannot say when it frees; callers
 /// are told to look again after this long (the clock may have synchronised by then).
 const UNSYNCED_RECHECK_MS: i64 = 60_000;
+/// How long a limit a 429 stated stays in force. Headers restate theirs with every
+/// answer, but a 429 is the only word on a limit no header reports (every Gemini
+/// limit): without an end, a raised quota (a paid tier) would never be used. Learning
+/// it again costs one 429 a day.
+const STATED_LIMIT_LIFETIME_MS: i64 = DAY_WINDOW_MS;
+/// How long a minute limit guessed from a 429 that gave no value stays in force. The
+/// guess (what the ledger counts as accepted in the window) may be low, e.g. when the
+/// provider refused because of someone else's use of the account, so the configured
+/// limit comes back after it; learning it again costs one 429 an hour.
+const COUNTED_LIMIT_LIFETIME_MS: i64 = 3_600_000;
 
 /// What one request costs a budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -198,10 +211,28 @@ enum Dim {
     Tokens,
 }
 
+impl From<LimitDimension> for Dim {
+    fn from(dimension: LimitDimension) -> Self {
+        match dimension {
+            LimitDimension::Requests => Dim::Requests,
+            LimitDimension::Tokens => Dim::Tokens,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Window {
     Minute,
     Day,
+}
+
+impl From<LimitScope> for Window {
+    fn from(scope: LimitScope) -> Self {
+        match scope {
+            LimitScope::Minute => Window::Minute,
+            LimitScope::Day => Window::Day,
+        }
+    }
 }
 
 /// One limit of a budget: a window and what it counts.
@@ -279,6 +310,9 @@ struct Budget {
     day: BTreeMap<i64, Cost>,
     /// Limits the provider announced below the configured ones, by `Meter::index`.
     learned: [Option<u64>; 4],
+    /// Milliseconds: when each learned limit stops being in force (`None`: a header's,
+    /// in force until a header says otherwise).
+    learned_until: [Option<i64>; 4],
     corrections: [Option<Correction>; 4],
     lease: Lease,
     /// Reservations in flight: id → (cost charged, minute slot, day slot).
@@ -315,6 +349,9 @@ struct BudgetRow {
     minute: Vec<(i64, Cost)>,
     day: Vec<(i64, Cost)>,
     learned: [Option<u64>; 4],
+    /// Absent in rows written before limits were learned from 429s: none expires.
+    #[serde(default)]
+    learned_until: [Option<Timestamp>; 4],
     corrections: [Option<Correction>; 4],
     unsynced_since: Option<Timestamp>,
 }
@@ -449,6 +486,7 @@ impl Budget {
             minute: BTreeMap::new(),
             day: BTreeMap::new(),
             learned: [None; 4],
+            learned_until: [None; 4],
             corrections: [None; 4],
             lease: Lease::default(),
             open: BTreeMap::new(),
@@ -470,12 +508,44 @@ impl Budget {
     }
 
     /// The limit in force: the configured one, or a smaller one the provider announced.
-    fn limit(&self, meter: Meter) -> Option<u64> {
-        let learned = self.learned[meter.index()];
-        match (meter.configured(&self.limits), learned) {
+    fn limit(&self, meter: Meter, now: i64) -> Option<u64> {
+        match (meter.configured(&self.limits), self.learned(meter, now)) {
             (Some(c), Some(l)) => Some(c.min(l)),
             (c, l) => c.or(l),
         }
+    }
+
+    /// The learned limit of `meter`, while it is in force.
+    fn learned(&self, meter: Meter, now: i64) -> Option<u64> {
+        let i = meter.index();
+        self.learned[i].filter(|_| self.learned_until[i].is_none_or(|until| until > now))
+    }
+
+    /// When the learned limit of `meter` stops being in force, if it is in force now and
+    /// ever stops.
+    fn learned_expiry(&self, meter: Meter, now: i64) -> Option<i64> {
+        self.learned(meter, now)
+            .and(self.learned_until[meter.index()])
+    }
+
+    /// What the provider said `meter`'s limit is: below the configured limit it is in
+    /// force until `until` (`None`: until the provider says otherwise); at or above it,
+    /// the configured one is. The one way every learned limit is set. Returns whether
+    /// anything changed.
+    fn set_learned(&mut self, meter: Meter, limit: u64, until: Option<i64>) -> bool {
+        let learned = match meter.configured(&self.limits) {
+            Some(configured) if limit >= configured => None,
+            _ => Some(limit),
+        };
+        let until = learned.and(until);
+        let i = meter.index();
+        if self.learned[i] == learned && self.learned_until[i] == until {
+            return false;
+        }
+        self.learned[i] = learned;
+        self.learned_until[i] = until;
+        self.dirty = true;
+        true
     }
 
     /// A day slot recorded while the clock was unsynchronised and not yet re-dated.
@@ -564,8 +634,22 @@ impl Budget {
     }
 
     fn left(&self, meter: Meter, view: &View) -> Option<u64> {
-        self.limit(meter)
+        self.limit(meter, view.now)
             .map(|limit| limit.saturating_sub(self.used(meter, view)))
+    }
+
+    /// What the provider has accepted in `dim` in the minute window, as far as the
+    /// ledger knows: what it counts, less the requests still in flight (charged at
+    /// their estimates, and not known to be accepted).
+    fn accepted_in_minute(&self, dim: Dim, view: &View) -> u64 {
+        let in_flight = self
+            .open
+            .values()
+            .filter(|(_, m, _)| self.minute_live(*m, view))
+            .map(|(c, _, _)| c.get(dim))
+            .fold(0, u64::saturating_add);
+        self.used(Meter::of(Window::Minute, dim), view)
+            .saturating_sub(in_flight)
     }
 
     /// Every piece of usage still counted against `meter`, with when it stops counting.
@@ -595,7 +679,29 @@ impl Budget {
 
     /// When `amount` more fits under one limit.
     fn meter_room(&self, meter: Meter, amount: u64, view: &View) -> Room {
-        let Some(limit) = self.limit(meter) else {
+        let in_force = self.room_under(meter, self.limit(meter, view.now), amount, view);
+        let Some(expiry) = self.learned_expiry(meter, view.now) else {
+            return in_force;
+        };
+        // A learned limit that expires is no reason to say "never", nor to wait past
+        // its end: then the configured limit is in force again.
+        let afterwards = match self.room_under(meter, meter.configured(&self.limits), amount, view)
+        {
+            Room::Now => Room::At(ts(expiry)),
+            Room::At(t) => Room::At(t.max(ts(expiry))),
+            Room::Never => Room::Never,
+        };
+        match (in_force, afterwards) {
+            (Room::Now, _) | (_, Room::Now) => Room::Now,
+            (Room::At(a), Room::At(b)) => Room::At(a.min(b)),
+            (Room::At(t), Room::Never) | (Room::Never, Room::At(t)) => Room::At(t),
+            (Room::Never, Room::Never) => Room::Never,
+        }
+    }
+
+    /// When `amount` more fits under `limit`, counted against `meter`'s usage.
+    fn room_under(&self, meter: Meter, limit: Option<u64>, amount: u64, view: &View) -> Room {
+        let Some(limit) = limit else {
             return Room::Now;
         };
         if amount == 0 {
@@ -691,6 +797,12 @@ impl Budget {
                 *c = None;
             }
         }
+        for (learned, until) in self.learned.iter_mut().zip(&mut self.learned_until) {
+            if until.is_some_and(|u| u <= view.now) {
+                *learned = None;
+                *until = None;
+            }
+        }
     }
 
     /// Dates usage recorded under an unsynchronised clock at `now`, the first
@@ -734,6 +846,7 @@ impl Budget {
             minute: minute.into_iter().collect(),
             day: day.into_iter().collect(),
             learned: self.learned,
+            learned_until: self.learned_until.map(|u| u.map(ts)),
             corrections: self.corrections,
             unsynced_since: self.unsynced_since.map(ts),
         }
@@ -1009,20 +1122,13 @@ impl Ledger {
             };
             let meter = Meter::of(window, dim);
             if let Some(limit) = limit {
-                let learned = match meter.configured(&b.limits) {
-                    Some(configured) if limit >= configured => None,
-                    _ => Some(limit),
-                };
-                if b.learned[meter.index()] != learned {
-                    b.learned[meter.index()] = learned;
-                    changed = true;
-                }
+                changed |= b.set_learned(meter, limit, None);
             }
             let Some(remaining) = remaining else {
                 continue;
             };
             let view = b.view(now, synced);
-            let Some(limit) = b.limit(meter) else {
+            let Some(limit) = b.limit(meter, now) else {
                 continue;
             };
             if remaining >= limit.saturating_sub(b.used(meter, &view)) {
@@ -1061,6 +1167,58 @@ impl Ledger {
             }
         }
         b.dirty |= changed;
+        changed
+    }
+
+    /// Lowers `budget`'s limits after a 429 that named the limits that refused
+    /// (`violations`), for the request of `refused` cost. A limit whose value the
+    /// provider stated takes that value, for [`STATED_LIMIT_LIFETIME_MS`]. A minute limit
+    /// named without a value takes what the ledger counts as accepted in the window, but
+    /// at least the refused request's cost, so that the key still serves one such request
+    /// a minute, for [`COUNTED_LIMIT_LIFETIME_MS`]; a guess only ever lowers the limit in
+    /// force. Either way the ledger stops handing out what the provider would refuse.
+    /// Returns `true` when something changed that the caller should commit soon. Call it
+    /// after releasing the refused reservation.
+    pub fn learn_refusal(
+        &mut self,
+        budget: &BudgetId,
+        violations: &[Violation],
+        refused: Cost,
+        now: Timestamp,
+    ) -> bool {
+        let now = ms(self.observe_time(now));
+        let synced = self.last_synced.unwrap_or(false);
+        let Some(b) = self.budgets.get_mut(budget) else {
+            return false;
+        };
+        let view = b.view(now, synced);
+        let mut changed = false;
+        for violation in violations {
+            let dim = Dim::from(violation.dimension);
+            let meter = Meter::of(Window::from(violation.scope), dim);
+            match (violation.limit, meter.window()) {
+                (Some(limit), _) => {
+                    changed |= b.set_learned(
+                        meter,
+                        limit,
+                        Some(now.saturating_add(STATED_LIMIT_LIFETIME_MS)),
+                    );
+                }
+                (None, Window::Minute) => {
+                    let guess = b.accepted_in_minute(dim, &view).max(refused.get(dim));
+                    if b.limit(meter, now).is_none_or(|limit| guess < limit) {
+                        changed |= b.set_learned(
+                            meter,
+                            guess,
+                            Some(now.saturating_add(COUNTED_LIMIT_LIFETIME_MS)),
+                        );
+                    }
+                }
+                // A daily limit without a value: the key is exhausted until the reset
+                // anyway, and a day's count is no guess at the limit.
+                (None, Window::Day) => {}
+            }
+        }
         changed
     }
 
@@ -1104,7 +1262,7 @@ impl Ledger {
             meters
                 .into_iter()
                 .filter_map(|m| {
-                    let limit = b.limit(m)?;
+                    let limit = b.limit(m, view.now)?;
                     let left = b.left(m, &view)?;
                     Some(if limit == 0 {
                         0.0
@@ -1246,6 +1404,7 @@ impl Ledger {
                 b.minute = rebase(row.minute, row.minute_slot_ms, MINUTE_SLOT_MS);
                 b.day = rebase(row.day, row.day_slot_ms, DAY_SLOT_MS);
                 b.learned = row.learned;
+                b.learned_until = row.learned_until.map(|u| u.map(ms));
                 b.corrections = row.corrections;
                 b.unsynced_since = row.unsynced_since.map(ms);
                 b.lease = Lease::default();
@@ -1823,16 +1982,282 @@ pub(crate) mod tests {
         assert_eq!(l.snapshot_exact().len(), 2);
     }
 
+    // --- Limits learned from 429s. ---
+
+    fn refusal(scope: LimitScope, dimension: LimitDimension, limit: Option<u64>) -> Violation {
+        Violation {
+            scope,
+            dimension,
+            limit,
+        }
+    }
+
+    fn rpm_refusal(limit: Option<u64>) -> Vec<Violation> {
+        vec![refusal(LimitScope::Minute, LimitDimension::Requests, limit)]
+    }
+
+    /// Reserves and settles requests at `t` until the ledger refuses one; how many it
+    /// granted, and its answer to the one more.
+    fn fill(l: &mut Ledger, b: &BudgetId, t: Timestamp) -> (usize, Room) {
+        let mut granted = 0;
+        loop {
+            match l.reserve(b, REQ, t, true) {
+                Ok(r) => {
+                    l.settle(
+                        &r,
+                        Usage {
+                            prompt_tokens: 5,
+                            completion_tokens: 5,
+                        },
+                        t,
+                    );
+                    granted += 1;
+                }
+                Err(room) => return (granted, room),
+            }
+        }
+    }
+
+    #[test]
+    fn a_429_stating_its_limit_allows_no_more_than_that_a_minute() {
+        let (mut l, b) = one(limits(Some(30), None, None, None), DailyReset::Rolling);
+        let t0 = at("2026-01-01T00:00:00Z");
+        // The provider allows 15 a minute; the config says 30. The 16th is refused.
+        for _ in 0..15 {
+            let r = l.reserve(&b, REQ, t0, true).expect("fits");
+            l.settle(&r, Usage::default(), t0);
+        }
+        let refused = l
+            .reserve(&b, REQ, t0, true)
+            .expect("the config says it fits");
+        l.release(&refused);
+        assert!(l.learn_refusal(&b, &rpm_refusal(Some(15)), REQ, t0));
+        // Every task waiting for the key wakes when the cooldown ends: the ledger grants
+        // none of them before the window has room, however many ask.
+        assert_eq!(
+            l.reserve(&b, REQ, t0 + secs(2), true),
+            Err(Room::At(at("2026-01-01T00:01:01Z")))
+        );
+        // Each following minute: 15, and the 16th waits for the window.
+        let mut t = at("2026-01-01T00:01:01Z");
+        for _ in 0..5 {
+            let (granted, room) = fill(&mut l, &b, t);
+            assert_eq!(granted, 15, "at {t}");
+            assert_eq!(room, Room::At(t + secs(61)));
+            t += secs(61);
+        }
+        // The provider's word that the limit is the configured one ends the lowering.
+        assert!(l.learn_refusal(&b, &rpm_refusal(Some(30)), REQ, t));
+        assert_eq!(fill(&mut l, &b, t).0, 30);
+    }
+
+    #[test]
+    fn a_stated_limit_lasts_a_day_then_the_config_is_in_force_again() {
+        let (mut l, b) = one(limits(Some(30), None, None, None), DailyReset::Rolling);
+        let t0 = at("2026-01-01T00:00:00Z");
+        l.learn_refusal(&b, &rpm_refusal(Some(15)), REQ, t0);
+        let end = at("2026-01-02T00:00:00Z");
+        let before_end = end - secs(30);
+        assert_eq!(fill(&mut l, &b, before_end).0, 15);
+        // The window would free at +61 s, but the limit ends first: then the 15 counted
+        // leave room for 15 more under the configured 30.
+        assert_eq!(l.room(&b, REQ, before_end, true), Room::At(end));
+        assert_eq!(fill(&mut l, &b, end).0, 15);
+    }
+
+    #[test]
+    fn a_429_without_a_value_caps_the_minute_at_what_was_accepted_for_an_hour() {
+        let (mut l, b) = one(limits(Some(30), None, None, None), DailyReset::Rolling);
+        let t0 = at("2026-01-01T00:00:00Z");
+        for _ in 0..10 {
+            let r = l.reserve(&b, REQ, t0, true).expect("fits");
+            l.settle(&r, Usage::default(), t0);
+        }
+        // One more in flight, and one refused: neither was accepted by the provider.
+        let in_flight = l.reserve(&b, REQ, t0, true).expect("fits");
+        let refused = l.reserve(&b, REQ, t0, true).expect("fits");
+        l.release(&refused);
+        assert!(l.learn_refusal(&b, &rpm_refusal(None), REQ, t0));
+        l.settle(&in_flight, Usage::default(), t0 + secs(1));
+        assert!(l.reserve(&b, REQ, t0 + secs(2), true).is_err());
+        let t1 = at("2026-01-01T00:01:02Z");
+        let (granted, room) = fill(&mut l, &b, t1);
+        assert_eq!(granted, 10);
+        assert_eq!(room, Room::At(t1 + secs(61)));
+        // A guess only ever lowers: a later 429 counting more changes nothing.
+        let (more, _) = fill(&mut l, &b, t1 + secs(61));
+        assert_eq!(more, 10);
+        assert!(!l.learn_refusal(&b, &rpm_refusal(None), REQ, t1 + secs(61)));
+        // Just before the hour ends, the window's room is after the guess's end: the
+        // wait ends with the guess, and then the configured 30 are in force.
+        let end = at("2026-01-01T01:00:00Z");
+        let late = end - secs(30);
+        assert_eq!(fill(&mut l, &b, late).0, 10);
+        assert_eq!(l.room(&b, REQ, late, true), Room::At(end));
+        assert_eq!(fill(&mut l, &b, end).0, 20);
+        assert_eq!(fill(&mut l, &b, end + secs(61)).0, 30);
+    }
+
+    #[test]
+    fn a_guess_keeps_at_least_the_refused_request_and_never_says_never() {
+        let (mut l, b) = one(
+            limits(Some(30), None, Some(1000), None),
+            DailyReset::Rolling,
+        );
+        let t0 = at("2026-01-01T00:00:00Z");
+        // Refused with nothing counted in the window (another client spent the account).
+        let cost = Cost {
+            requests: 1,
+            tokens: 300,
+        };
+        let refused = l.reserve(&b, cost, t0, true).expect("fits");
+        l.release(&refused);
+        let both = [
+            refusal(LimitScope::Minute, LimitDimension::Requests, None),
+            refusal(LimitScope::Minute, LimitDimension::Tokens, None),
+        ];
+        assert!(l.learn_refusal(&b, &both, cost, t0));
+        // One such request a minute, not none.
+        let t1 = t0 + secs(61);
+        assert!(l.reserve(&b, cost, t1, true).is_ok());
+        assert!(l.reserve(&b, cost, t1, true).is_err());
+        // A larger request waits for the guess to end rather than being refused for good.
+        let larger = Cost {
+            requests: 1,
+            tokens: 500,
+        };
+        assert_eq!(
+            l.room(&b, larger, t1 + secs(61), true),
+            Room::At(at("2026-01-01T01:00:00Z"))
+        );
+        // Beyond the configured limit it never fits, guess or not.
+        let huge = Cost {
+            requests: 1,
+            tokens: 1001,
+        };
+        assert_eq!(l.room(&b, huge, t1 + secs(61), true), Room::Never);
+    }
+
+    #[test]
+    fn a_daily_429_with_its_value_lowers_the_day_budget() {
+        let (mut l, b) = one(
+            limits(Some(30), Some(3000), None, None),
+            zone("America/Los_Angeles"),
+        );
+        let t = at("2026-01-01T20:00:00Z");
+        for _ in 0..5 {
+            let r = l.reserve(&b, REQ, t, true).expect("fits");
+            l.settle(&r, Usage::default(), t);
+        }
+        // A day limit named without a value teaches nothing: the key is exhausted anyway.
+        let no_value = [refusal(LimitScope::Day, LimitDimension::Requests, None)];
+        assert!(!l.learn_refusal(&b, &no_value, REQ, t));
+        assert_eq!(l.remaining_today(&b, t, true).rpd, Some(2995));
+        // Gemini names both its quotas in one answer; each lowers its own limit.
+        let gemini = [
+            refusal(LimitScope::Minute, LimitDimension::Requests, Some(15)),
+            refusal(LimitScope::Day, LimitDimension::Requests, Some(1500)),
+        ];
+        assert!(l.learn_refusal(&b, &gemini, REQ, t));
+        assert_eq!(l.remaining_today(&b, t, true).rpd, Some(1495));
+        assert!((l.day_fraction_left(&b, t, true) - 1495.0 / 1500.0).abs() < 1e-9);
+        assert_eq!(fill(&mut l, &b, t).0, 10);
+        let tokens_per_day = [refusal(LimitScope::Day, LimitDimension::Tokens, Some(200))];
+        assert!(l.learn_refusal(&b, &tokens_per_day, REQ, t));
+        // 15 requests of 10 tokens counted today: 50 tokens left.
+        assert_eq!(l.remaining_today(&b, t, true).tpd, Some(50));
+    }
+
+    #[test]
+    fn limits_learned_from_429s_survive_a_restart_with_their_end() {
+        let (mut l, b) = one(
+            limits(Some(30), Some(3000), Some(10_000), None),
+            DailyReset::Rolling,
+        );
+        let t0 = at("2026-01-01T00:00:00Z");
+        let learned = [
+            refusal(LimitScope::Minute, LimitDimension::Requests, Some(15)),
+            refusal(LimitScope::Minute, LimitDimension::Tokens, None),
+            refusal(LimitScope::Day, LimitDimension::Requests, Some(1500)),
+        ];
+        // The token guess: the refused request's 10 tokens.
+        assert!(l.learn_refusal(&b, &learned, REQ, t0));
+        let t1 = t0 + secs(61);
+        let crash = l.snapshot_dirty();
+        let clean = l.snapshot_exact();
+        for rows in [crash, clean] {
+            let (mut fresh, _) = one(
+                limits(Some(30), Some(3000), Some(10_000), None),
+                DailyReset::Rolling,
+            );
+            assert_eq!(fresh.restore(rows).expect("restores"), 1);
+            assert_eq!(fresh.remaining_today(&b, t1, true).rpd, Some(1500));
+            assert_eq!(fill(&mut fresh, &b, t1).0, 1, "the token guess was lost");
+            // The guess ends after its hour; the stated request limit does not yet.
+            let later = at("2026-01-01T01:00:00Z");
+            assert_eq!(fill(&mut fresh, &b, later).0, 15);
+            assert_eq!(fresh.remaining_today(&b, later, true).rpd, Some(1484));
+        }
+    }
+
+    #[test]
+    fn rows_written_before_limits_had_an_end_still_load() {
+        let (mut l, b) = one(groq_limits(), DailyReset::Rolling);
+        let t = at("2026-01-01T00:00:00Z");
+        let headers = RateLimitHeaders {
+            limit_requests: Some(800),
+            remaining_requests: Some(800),
+            reset_requests: Some(secs(600)),
+            ..RateLimitHeaders::default()
+        };
+        l.learn(&b, &headers, t);
+        let rows: Vec<(String, Vec<u8>)> = l
+            .snapshot_exact()
+            .into_iter()
+            .map(|(id, bytes)| {
+                let mut row: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+                row.as_object_mut()
+                    .expect("an object")
+                    .remove("learned_until")
+                    .expect("the new field is written");
+                (id, serde_json::to_vec(&row).expect("json"))
+            })
+            .collect();
+        let (mut fresh, _) = one(groq_limits(), DailyReset::Rolling);
+        assert_eq!(fresh.restore(rows).expect("an old row loads"), 1);
+        // A header's limit has no end.
+        let much_later = t + secs(30 * 86_400);
+        assert_eq!(fresh.remaining_today(&b, much_later, true).rpd, Some(800));
+    }
+
     // --- Property tests: random operations and clock jumps. ---
 
     #[derive(Debug, Clone)]
     enum Op {
-        Reserve { tokens: u64 },
-        Settle { pick: usize, tokens: u64 },
-        Release { pick: usize },
-        Learn { remaining: u64, reset_secs: u64 },
-        Forward { ms: i64 },
-        Backward { ms: i64 },
+        Reserve {
+            tokens: u64,
+        },
+        Settle {
+            pick: usize,
+            tokens: u64,
+        },
+        Release {
+            pick: usize,
+        },
+        Learn {
+            remaining: u64,
+            reset_secs: u64,
+        },
+        /// A minute 429 on requests, stating this limit or none.
+        Refuse {
+            stated: Option<u64>,
+        },
+        Forward {
+            ms: i64,
+        },
+        Backward {
+            ms: i64,
+        },
         Sync(bool),
         Commit,
         Crash,
@@ -1844,6 +2269,7 @@ pub(crate) mod tests {
             2 => (any::<usize>(), 0u64..120).prop_map(|(pick, tokens)| Op::Settle { pick, tokens }),
             1 => any::<usize>().prop_map(|pick| Op::Release { pick }),
             1 => (0u64..30, 0u64..7200).prop_map(|(remaining, reset_secs)| Op::Learn { remaining, reset_secs }),
+            1 => proptest::option::of(1u64..RPM).prop_map(|stated| Op::Refuse { stated }),
             3 => (0i64..5_000).prop_map(|ms| Op::Forward { ms }),
             2 => (5_000i64..120_000).prop_map(|ms| Op::Forward { ms }),
             1 => (120_000i64..3 * 86_400_000).prop_map(|ms| Op::Forward { ms }),
@@ -1944,6 +2370,11 @@ pub(crate) mod tests {
                             ..RateLimitHeaders::default()
                         };
                         if l.learn(&b, &headers, clock) {
+                            commit(&mut l, &mut disk, &mut floor);
+                        }
+                    }
+                    Op::Refuse { stated } => {
+                        if l.learn_refusal(&b, &rpm_refusal(stated), REQ, clock) {
                             commit(&mut l, &mut disk, &mut floor);
                         }
                     }

@@ -576,8 +576,9 @@ impl Rotator {
         self.ledger.release(&call.reservation);
     }
 
-    /// Takes a call's outcome: settles or releases its budget, learns from the headers,
-    /// updates the key's state, and says what the task does next.
+    /// Takes a call's outcome: settles or releases its budget, learns from the headers
+    /// and from the limits a 429 names, updates the key's state, and says what the task
+    /// does next.
     pub fn record(
         &mut self,
         call: &Call,
@@ -651,17 +652,25 @@ impl Rotator {
             Failure::RateLimited {
                 retry_after,
                 scope,
+                violations,
                 detail,
-            } => self.rate_limited(
-                call,
-                &budget,
-                *retry_after,
-                *scope,
-                detail,
-                now,
-                synced,
-                jitter,
-            ),
+            } => {
+                // The cooldown alone would let the tasks waiting for it wake together
+                // and spend the key past the provider's real limit again: the limit
+                // itself is lowered, on the budget every key of the account shares.
+                self.ledger
+                    .learn_refusal(&budget, violations, call.reservation.cost(), now);
+                self.rate_limited(
+                    call,
+                    &budget,
+                    *retry_after,
+                    *scope,
+                    detail,
+                    now,
+                    synced,
+                    jitter,
+                );
+            }
             Failure::TooLarge { .. } => {
                 let cost = call.reservation.cost().tokens;
                 let state = self.model_state_mut(&call.label, &call.model);
@@ -1082,7 +1091,7 @@ mod tests {
     use super::*;
     use crate::config::ModelLimits;
     use crate::ledger::tests::{at, config, limits, provider, secs, zone};
-    use crate::provider::{Completion, RateLimitHeaders, Usage};
+    use crate::provider::{Completion, LimitDimension, RateLimitHeaders, Usage, Violation};
 
     const COST: Cost = Cost {
         requests: 1,
@@ -1146,8 +1155,38 @@ mod tests {
         failed(Failure::RateLimited {
             retry_after,
             scope,
+            violations: Vec::new(),
             detail: "Rate limit reached".to_owned(),
         })
+    }
+
+    /// A minute 429 naming the requests-per-minute limit, as Groq's "on requests per
+    /// minute (RPM): Limit 15" or Gemini's `quotaValue` do.
+    fn rpm_refused(retry_after: Duration, limit: Option<u64>) -> CallOutcome {
+        failed(Failure::RateLimited {
+            retry_after: Some(retry_after),
+            scope: LimitScope::Minute,
+            violations: vec![Violation {
+                scope: LimitScope::Minute,
+                dimension: LimitDimension::Requests,
+                limit,
+            }],
+            detail: "Rate limit reached".to_owned(),
+        })
+    }
+
+    /// Plans and answers tasks at `now` until the rotator says to wait; how many calls
+    /// it made, and the wait.
+    fn serve_all(r: &mut Rotator, route: &[Target], now: Timestamp) -> (usize, Plan) {
+        for served in 0..1000 {
+            match r.plan(route, COST, &Attempt::new(), now, now + secs(120), true) {
+                Plan::Call(c) => {
+                    r.record(&c, &ok(), &mut Attempt::new(), now, true, 0.5);
+                }
+                other => return (served, other),
+            }
+        }
+        panic!("no end to the calls at {now}");
     }
 
     fn call(r: &mut Rotator, route: &[Target], now: Timestamp) -> Call {
@@ -1235,6 +1274,90 @@ mod tests {
             .map(|_| call(&mut r, &route(), later).label)
             .collect();
         assert!(labels.contains(&"g1".to_owned()), "{labels:?}");
+    }
+
+    #[test]
+    fn after_a_429_naming_its_limit_the_waking_tasks_stay_within_it() {
+        // The config says 30 a minute; the provider allows 15.
+        let mut r = Rotator::new(&config(vec![provider(
+            "gemini",
+            zone("America/Los_Angeles"),
+            &[("flash", limits(Some(30), Some(1500), None, None))],
+            &[("m1", None)],
+        )]));
+        let route = vec![target("gemini", "flash")];
+        let t0 = at("2026-01-01T20:00:00Z");
+        for _ in 0..15 {
+            let c = call(&mut r, &route, t0);
+            r.record(&c, &ok(), &mut Attempt::new(), t0, true, 0.5);
+        }
+        let c = call(&mut r, &route, t0);
+        let next = r.record(
+            &c,
+            &rpm_refused(secs(2), Some(15)),
+            &mut Attempt::new(),
+            t0,
+            true,
+            0.5,
+        );
+        assert_eq!(next, Next::TryNext);
+        // The cooldown ends: the tasks waiting for it get no call before the window
+        // frees, where the configured 30 would have let 15 of them in to be refused.
+        let wake = t0 + secs(2);
+        assert_eq!(serve_all(&mut r, &route, wake).0, 0);
+        let free = t0 + secs(61);
+        assert_eq!(
+            r.plan(&route, COST, &Attempt::new(), wake, wake + secs(120), true),
+            Plan::Wait { until: free }
+        );
+        // Then 15 a minute.
+        for minute in 0..3 {
+            let t = free + secs(61 * minute);
+            let (served, wait) = serve_all(&mut r, &route, t);
+            assert_eq!(served, 15, "at {t}");
+            assert_eq!(
+                wait,
+                Plan::Wait {
+                    until: t + secs(61)
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_limit_learned_on_one_key_holds_for_every_key_of_its_account() {
+        let mut r = Rotator::new(&config(vec![provider(
+            "groq",
+            DailyReset::Rolling,
+            &[("llama", limits(Some(4), None, None, None))],
+            &[("a1", Some("acct")), ("a2", Some("acct"))],
+        )]));
+        let route = vec![target("groq", "llama")];
+        let t0 = at("2026-01-01T00:00:00Z");
+        for _ in 0..2 {
+            let c = call(&mut r, &route, t0);
+            r.record(&c, &ok(), &mut Attempt::new(), t0, true, 0.5);
+        }
+        // The account allows 2 a minute; the third call is refused, on whichever key.
+        let c = call(&mut r, &route, t0);
+        r.record(
+            &c,
+            &rpm_refused(secs(2), None),
+            &mut Attempt::new(),
+            t0,
+            true,
+            0.5,
+        );
+        // Once the cooldown is over, neither key is called before the window frees.
+        let t1 = t0 + secs(3);
+        assert_eq!(
+            r.plan(&route, COST, &Attempt::new(), t1, t1 + secs(120), true),
+            Plan::Wait {
+                until: t0 + secs(61)
+            }
+        );
+        let (served, _) = serve_all(&mut r, &route, t0 + secs(61));
+        assert_eq!(served, 2);
     }
 
     #[test]

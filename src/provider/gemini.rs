@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{
-    CallOutcome, ChatRequest, Completion, Failure, LimitScope, NO_HTTP_STATUS, RateLimitHeaders,
-    Usage, WireRequest, body_detail, detail, parse_go_duration,
+    CallOutcome, ChatRequest, Completion, Failure, LimitDimension, LimitScope, NO_HTTP_STATUS,
+    RateLimitHeaders, Usage, Violation, WireRequest, body_detail, detail, parse_go_duration,
 };
 use crate::secret::Secret;
 
@@ -190,6 +190,8 @@ struct ApiError {
     reasons: Vec<String>,
     /// `QuotaFailure.violations[].quotaId`, e.g. `GenerateRequestsPerDayPerProjectPerModel-FreeTier`.
     quota_ids: Vec<String>,
+    /// The violations whose `quotaId` names what the quota counts.
+    violations: Vec<Violation>,
     /// `RetryInfo.retryDelay`, e.g. `37s`.
     retry_delay: Option<Duration>,
 }
@@ -224,7 +226,13 @@ impl ApiError {
             } else if kind.ends_with("google.rpc.QuotaFailure") {
                 let violations = item.get("violations").and_then(Value::as_array);
                 for violation in violations.into_iter().flatten() {
-                    parsed.quota_ids.extend(text(violation, "quotaId"));
+                    let Some(id) = text(violation, "quotaId") else {
+                        continue;
+                    };
+                    parsed
+                        .violations
+                        .extend(quota_violation(&id, violation.get("quotaValue")));
+                    parsed.quota_ids.push(id);
                 }
             } else if kind.ends_with("google.rpc.RetryInfo") {
                 parsed.retry_delay = text(item, "retryDelay")
@@ -255,6 +263,37 @@ impl ApiError {
     }
 }
 
+/// One `QuotaFailure` violation as a [`Violation`]: the `quotaId` says the window and
+/// what the quota counts (`GenerateRequestsPerMinutePerProjectPerModel-FreeTier`,
+/// `GenerateContentInputTokensPerModelPerDay-FreeTier`), `quotaValue` the limit ("15").
+/// Google's token quotas count input tokens only; taken as a limit on all tokens, as
+/// the ledger counts them, they err on the safe side. `None` for an id that names
+/// neither requests nor tokens.
+fn quota_violation(quota_id: &str, value: Option<&Value>) -> Option<Violation> {
+    let dimension = if quota_id.contains("Requests") {
+        LimitDimension::Requests
+    } else if quota_id.contains("Tokens") {
+        LimitDimension::Tokens
+    } else {
+        return None;
+    };
+    let scope = if quota_id.contains("PerDay") {
+        LimitScope::Day
+    } else {
+        LimitScope::Minute
+    };
+    // A string in Google's JSON (int64 fields are), a number from anything looser.
+    let limit = value.and_then(|v| match v {
+        Value::String(text) => text.trim().parse().ok(),
+        other => other.as_u64(),
+    });
+    Some(Violation {
+        scope,
+        dimension,
+        limit,
+    })
+}
+
 fn failure(status: u16, limits: &RateLimitHeaders, body: &[u8], key: &Secret) -> Failure {
     let error = ApiError::parse(body);
     let message = match (&error.message, error.quota_ids.is_empty()) {
@@ -270,6 +309,7 @@ fn failure(status: u16, limits: &RateLimitHeaders, body: &[u8], key: &Secret) ->
         429 => Failure::RateLimited {
             retry_after: error.retry_delay.or(limits.retry_after),
             scope: error.scope(),
+            violations: error.violations,
             detail,
         },
         400 if error.key_invalid() => Failure::KeyRejected { status, detail },
@@ -314,9 +354,48 @@ mod tests {
                 retry_after,
                 scope,
                 detail,
+                ..
             }) => (*retry_after, *scope, detail.as_str()),
             other => panic!("expected RateLimited, got {other:?}"),
         }
+    }
+
+    fn violations(outcome: &CallOutcome) -> &[Violation] {
+        match &outcome.result {
+            Err(Failure::RateLimited { violations, .. }) => violations,
+            other => panic!("expected RateLimited, got {other:?}"),
+        }
+    }
+
+    fn violation(scope: LimitScope, dimension: LimitDimension, limit: Option<u64>) -> Violation {
+        Violation {
+            scope,
+            dimension,
+            limit,
+        }
+    }
+
+    /// A 429 whose `QuotaFailure` holds these (quotaId, quotaValue) violations.
+    fn quota_failure(violations: &[(&str, Value)]) -> CallOutcome {
+        let violations: Vec<Value> = violations
+            .iter()
+            .map(|(id, value)| json!({"quotaId": id, "quotaValue": value}))
+            .collect();
+        let body = json!({"error": {
+            "code": 429,
+            "message": "You exceeded your current quota, please check your plan and billing details.",
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [
+                {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": violations},
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "12s"}
+            ]
+        }});
+        classify(
+            429,
+            &HeaderMap::new(),
+            body.to_string().as_bytes(),
+            &Secret::new(KEY),
+        )
     }
 
     #[test]
@@ -367,6 +446,50 @@ mod tests {
                 .starts_with("quota GenerateRequestsPerMinutePerProjectPerModel-FreeTier exceeded"),
             "{detail}"
         );
+        assert_eq!(
+            violations(&outcome),
+            [violation(
+                LimitScope::Minute,
+                LimitDimension::Requests,
+                Some(15)
+            )]
+        );
+    }
+
+    #[test]
+    fn quota_ids_name_the_window_and_what_is_counted() {
+        let outcome = quota_failure(&[
+            (
+                "GenerateContentInputTokensPerModelPerMinute-FreeTier",
+                json!("1000000"),
+            ),
+            (
+                "GenerateContentInputTokensPerModelPerDay-FreeTier",
+                json!(50_000),
+            ),
+            // No value, or one that is not a number: the limit is named, its value not.
+            (
+                "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                json!(null),
+            ),
+            (
+                "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+                json!("many"),
+            ),
+            // Neither requests nor tokens: nothing the ledger counts.
+            ("SomethingElsePerMinute", json!("3")),
+        ]);
+        assert_eq!(
+            violations(&outcome),
+            [
+                violation(LimitScope::Minute, LimitDimension::Tokens, Some(1_000_000)),
+                violation(LimitScope::Day, LimitDimension::Tokens, Some(50_000)),
+                violation(LimitScope::Minute, LimitDimension::Requests, None),
+                violation(LimitScope::Day, LimitDimension::Requests, None),
+            ]
+        );
+        let (_, scope, _) = rate_limited(&outcome);
+        assert_eq!(scope, LimitScope::Day);
     }
 
     #[test]
@@ -377,6 +500,14 @@ mod tests {
         let (retry_after, scope, _) = rate_limited(&outcome);
         assert_eq!(scope, LimitScope::Day);
         assert_eq!(retry_after, Some(Duration::ZERO));
+        // Each violation keeps its own window and value.
+        assert_eq!(
+            violations(&outcome),
+            [
+                violation(LimitScope::Minute, LimitDimension::Requests, Some(15)),
+                violation(LimitScope::Day, LimitDimension::Requests, Some(1500)),
+            ]
+        );
     }
 
     #[test]
@@ -386,6 +517,7 @@ mod tests {
         let (retry_after, scope, detail) = rate_limited(&outcome);
         assert_eq!((retry_after, scope), (None, LimitScope::Minute));
         assert_eq!(detail, "Resource has been exhausted (e.g. check quota).");
+        assert_eq!(violations(&outcome), []);
     }
 
     #[test]

@@ -72,6 +72,23 @@ pub enum LimitScope {
     Day,
 }
 
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitDimension {
+    Requests,
+    Tokens,
+}
+
+/// One limit a 429 names as the one that refused (Groq's "on requests per minute
+/// (RPM): Limit 30", a Gemini `QuotaFailure` violation): what the ledger learns from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Violation {
+    pub scope: LimitScope,
+    pub dimension: LimitDimension,
+    /// The limit's value, when the provider stated it.
+    pub limit: Option<u64>,
+}
+
 /// A failed call, classified for the rotator. Every `detail` is scrubbed of secrets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
@@ -81,6 +98,8 @@ pub enum Failure {
         /// The wait the provider gave, from whichever signal it sent.
         retry_after: Option<Duration>,
         scope: LimitScope,
+        /// The limits the provider named; empty when it named none it could be read from.
+        violations: Vec<Violation>,
         detail: String,
     },
     /// 413 "Request too large": this request exceeds this key's per-minute token limit.

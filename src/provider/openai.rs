@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{
-    CallOutcome, ChatRequest, Completion, Failure, LimitScope, NO_HTTP_STATUS, RateLimitHeaders,
-    Usage, WireRequest, body_detail, parse_go_duration,
+    CallOutcome, ChatRequest, Completion, Failure, LimitDimension, LimitScope, NO_HTTP_STATUS,
+    RateLimitHeaders, Usage, Violation, WireRequest, body_detail, parse_go_duration,
 };
 use crate::secret::Secret;
 
@@ -177,6 +177,7 @@ fn failure(status: u16, limits: &RateLimitHeaders, body: &[u8], key: &Secret) ->
         429 => Failure::RateLimited {
             retry_after: retry_after(limits, &error),
             scope: scope(error.message.as_deref().unwrap_or_default()),
+            violations: violation(&error).into_iter().collect(),
             detail,
         },
         401 | 403 => Failure::KeyRejected { status, detail },
@@ -249,6 +250,56 @@ fn scope(message: &str) -> LimitScope {
     }
 }
 
+/// Words in a 429 message that name what the refusing limit counts, the clearest first.
+const DIMENSION_WORDS: [(&str, LimitDimension); 6] = [
+    ("(rpm)", LimitDimension::Requests),
+    ("(rpd)", LimitDimension::Requests),
+    ("(tpm)", LimitDimension::Tokens),
+    ("(tpd)", LimitDimension::Tokens),
+    ("requests per", LimitDimension::Requests),
+    ("tokens per", LimitDimension::Tokens),
+];
+
+/// The limit a 429 names. Groq and OpenAI write "… on tokens per minute (TPM): Limit
+/// 6000, Used 5800, Requested 400. …"; where the message names no limit, the error's
+/// `type` ("requests" or "tokens") still says what it counts. `None` when nothing does.
+fn violation(error: &ApiError) -> Option<Violation> {
+    // ASCII lowercasing keeps byte offsets, so positions found here index it throughout.
+    let message = error
+        .message
+        .as_deref()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let named = DIMENSION_WORDS.iter().find_map(|(words, dimension)| {
+        message.find(words).map(|at| (*dimension, at + words.len()))
+    });
+    let (dimension, from) = match named {
+        Some(found) => found,
+        None => match error.kind.as_deref() {
+            Some("requests") => (LimitDimension::Requests, 0),
+            Some("tokens") => (LimitDimension::Tokens, 0),
+            _ => return None,
+        },
+    };
+    Some(Violation {
+        scope: scope(&message),
+        dimension,
+        limit: message.get(from..).and_then(stated_limit),
+    })
+}
+
+/// "…: Limit 6000, Used 5800 …" → 6000: the first "limit" followed by a number (so
+/// that the "Rate limit reached" every message opens with is passed over).
+fn stated_limit(text: &str) -> Option<u64> {
+    text.match_indices("limit").find_map(|(at, word)| {
+        let rest = text.get(at + word.len()..)?.trim_start_matches([' ', ':']);
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        rest.get(..digits)?.parse().ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +326,32 @@ mod tests {
             }) => (*retry_after, *scope),
             other => panic!("expected RateLimited, got {other:?}"),
         }
+    }
+
+    /// The limits a `RateLimited` outcome names; panics on anything else.
+    fn violations(outcome: &CallOutcome) -> &[Violation] {
+        match &outcome.result {
+            Err(Failure::RateLimited { violations, .. }) => violations,
+            other => panic!("expected RateLimited, got {other:?}"),
+        }
+    }
+
+    fn named(scope: LimitScope, dimension: LimitDimension, limit: Option<u64>) -> Vec<Violation> {
+        vec![Violation {
+            scope,
+            dimension,
+            limit,
+        }]
+    }
+
+    /// A 429 with this error body and no headers.
+    fn refused(body: &str) -> CallOutcome {
+        classify(
+            429,
+            &HeaderMap::new(),
+            body.as_bytes(),
+            &Secret::new(GROQ_KEY),
+        )
     }
 
     fn groq(name: &str) -> CallOutcome {
@@ -318,6 +395,7 @@ mod tests {
         let Err(Failure::RateLimited {
             retry_after,
             scope,
+            violations,
             detail,
         }) = outcome.result
         else {
@@ -325,6 +403,10 @@ mod tests {
         };
         assert_eq!(scope, LimitScope::Minute);
         assert_eq!(retry_after, Some(Duration::from_secs(5)));
+        assert_eq!(
+            violations,
+            named(LimitScope::Minute, LimitDimension::Tokens, Some(12000))
+        );
         assert!(detail.contains("tokens per minute (TPM)"), "{detail}");
         assert_eq!(outcome.headers.remaining_tokens, Some(10766));
         assert_eq!(
@@ -341,6 +423,10 @@ mod tests {
         let (retry_after, scope) = rate_limited(&outcome);
         assert_eq!(scope, LimitScope::Day);
         assert_eq!(retry_after, Some(Duration::from_secs(52)));
+        assert_eq!(
+            violations(&outcome),
+            named(LimitScope::Day, LimitDimension::Requests, Some(1000))
+        );
         assert_eq!(outcome.headers.remaining_requests, Some(0));
     }
 
@@ -354,6 +440,10 @@ mod tests {
         assert_eq!(
             retry_after,
             Some(Duration::from_millis(9 * 60_000 + 38_016))
+        );
+        assert_eq!(
+            violations(&outcome),
+            named(LimitScope::Day, LimitDimension::Tokens, Some(100_000))
         );
     }
 
@@ -369,6 +459,52 @@ mod tests {
         assert_eq!(scope, LimitScope::Minute);
         // remaining-requests is 0: the requests' reset, not the tokens' one.
         assert_eq!(retry_after, Some(Duration::from_secs(20)));
+        // "per min (RPM): Limit 3".
+        assert_eq!(
+            violations(&outcome),
+            named(LimitScope::Minute, LimitDimension::Requests, Some(3))
+        );
+    }
+
+    #[test]
+    fn groq_429_names_the_limit_and_its_value() {
+        let rpm = refused(
+            r#"{"error":{"message":"Rate limit reached for model `llama-3.3-70b-versatile` in organization `org_01fake` service tier `on_demand` on requests per minute (RPM): Limit 30, Used 30, Requested 1. Please try again in 2s. Need more requests? Upgrade to Dev Tier today at https://console.groq.com/settings/billing","type":"requests","code":"rate_limit_exceeded"}}"#,
+        );
+        assert_eq!(
+            violations(&rpm),
+            named(LimitScope::Minute, LimitDimension::Requests, Some(30))
+        );
+        let tpm = refused(
+            r#"{"error":{"message":"Rate limit reached for model `llama-3.1-8b-instant` in organization `org_01fake` service tier `on_demand` on tokens per minute (TPM): Limit 6000, Used 5800, Requested 400. Please try again in 2s. Need more tokens? Upgrade to Dev Tier today at https://console.groq.com/settings/billing","type":"tokens","code":"rate_limit_exceeded"}}"#,
+        );
+        assert_eq!(
+            violations(&tpm),
+            named(LimitScope::Minute, LimitDimension::Tokens, Some(6000))
+        );
+    }
+
+    #[test]
+    fn a_429_without_a_stated_limit_names_what_it_can() {
+        // The error's type names the dimension; no number follows any "limit".
+        let typed = refused(
+            r#"{"error":{"message":"Rate limit reached, please slow down","type":"tokens"}}"#,
+        );
+        assert_eq!(
+            violations(&typed),
+            named(LimitScope::Minute, LimitDimension::Tokens, None)
+        );
+        // The words alone, as a compatible server may write them.
+        let worded =
+            refused(r#"{"error":{"message":"Too many requests per minute for this key"}}"#);
+        assert_eq!(
+            violations(&worded),
+            named(LimitScope::Minute, LimitDimension::Requests, None)
+        );
+        // Nothing names a limit: no violation, only the wait.
+        let bare = refused(r#"{"error":{"message":"Too Many Requests"}}"#);
+        assert_eq!(violations(&bare), []);
+        assert_eq!(violations(&refused("slow down")), []);
     }
 
     #[test]

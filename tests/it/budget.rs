@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::fake_provider::{FakeKind, FakeLimits, FakeProvider};
-use crate::harness::{Broker, Client, Daemon, Setup, WAIT, one_groq_key, task};
+use crate::harness::{Broker, Client, Daemon, Setup, WAIT, keyrelay, one_groq_key, path_str, task};
 
 const MODEL: &str = "llama-3.3-70b-versatile";
 const GEMINI_MODEL: &str = "gemini-2.0-flash";
@@ -144,6 +144,16 @@ async fn a_daily_limit_exhausts_the_key_and_the_next_task_costs_no_call() {
     assert!(
         retry > 60 && retry <= 86_400,
         "retry_after_secs should point at LA midnight: {retry}"
+    );
+    // The 429 named the quota and its value (`quotaValue` "1"): the operator sees the
+    // provider's day budget, not the config's 1500 less the one request.
+    let config = path_str(&setup.config_path()).to_owned();
+    let (code, out, err) = keyrelay(&["status", "--json", "--config", &config], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let health: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        health["keys"][0]["remaining"][GEMINI_MODEL]["rpd"], 0,
+        "{health}"
     );
     let calls = fake.total_calls();
     let three = burst(&mut client, "day3", 1, json!({"deadline_secs": 60})).await;
