@@ -7,8 +7,8 @@
 //! real disk, not tmpfs), a real `Rotator` reserving budget on four keys, and per task,
 //! as `relay` does: a `pending_add` batch committed in the background (its
 //! acknowledgement), the rotator's dirty rows committed before the call whenever a
-//! lease it may draw on is not durable yet (`needs_commit`, and `relay`'s lease
-//! versions, mirrored here), a simulated provider call of
+//! lease it draws on is not durable yet (`needs_commit` and `Reservation::lease`,
+//! waited for as `relay` does, mirrored here), a simulated provider call of
 //! 0.3-1.5 s settled by `record`, then an `answered` + `pending_remove` batch. The store
 //! counts its write transactions; each is one fsync.
 
@@ -112,10 +112,8 @@ struct Shared {
     store: Store,
     rotator: Mutex<Rotator>,
     route: Vec<Target>,
-    /// As in `Relay`: bumped under the rotator lock whenever a reservation opens a
-    /// lease, and the highest version on disk. A call goes out only once the leases up
-    /// to the version it was planned at are durable, whoever opened them.
-    lease_version: AtomicU64,
+    /// As in `Relay`: the highest `Rotator::leases_opened` whose snapshot is on disk. A
+    /// call goes out only once the lease it draws on is durable, whoever opened it.
     durable: watch::Sender<u64>,
     reservations: AtomicU64,
     needs_commit: AtomicU64,
@@ -136,17 +134,16 @@ impl Shared {
 
     /// As `Relay::persist`: the rows changed since the last commit, and the time.
     async fn persist(&self) {
-        let (rows, version) = {
+        let (committed, version) = {
             let mut rotator = self.rotator();
-            let rows = rotator.snapshot_dirty();
-            (rows, self.lease_version.load(Ordering::SeqCst))
+            let batch = Batch {
+                rows: rotator.snapshot_dirty(),
+                latest_time_ms: Some(Timestamp::now().as_millisecond()),
+                ..Batch::default()
+            };
+            (self.store.commit(batch), rotator.leases_opened())
         };
-        let batch = Batch {
-            rows,
-            latest_time_ms: Some(Timestamp::now().as_millisecond()),
-            ..Batch::default()
-        };
-        self.store.commit(batch).await.expect("lease committed");
+        committed.await.expect("lease committed");
         self.durable.send_if_modified(|durable| {
             let newer = version > *durable;
             if newer {
@@ -156,8 +153,8 @@ impl Shared {
         });
     }
 
-    /// As `Relay::lease_durable`: waits for another task's commit of the leases up to
-    /// `version` (for at most `LEASE_COMMIT_WAIT`), or commits them itself.
+    /// As `Relay::lease_durable`: waits for another task's commit of the lease numbered
+    /// `version` (for at most `LEASE_COMMIT_WAIT`), or commits it itself.
     async fn lease_durable(&self, version: u64, opened_it: bool) {
         if *self.durable.borrow() >= version {
             return;
@@ -222,28 +219,23 @@ async fn task(shared: Arc<Shared>, n: u64, latency: Duration) {
     let cost = Cost::estimate(&request);
     let mut attempt = Attempt::new();
     loop {
-        let (plan, lease) = {
-            let mut rotator = shared.rotator();
-            let plan = rotator.plan(
-                &shared.route,
-                cost,
-                &attempt,
-                Timestamp::now(),
-                deadline,
-                true,
-            );
-            if matches!(&plan, Plan::Call(call) if call.needs_commit) {
-                shared.lease_version.fetch_add(1, Ordering::SeqCst);
-            }
-            (plan, shared.lease_version.load(Ordering::SeqCst))
-        };
+        let plan = shared.rotator().plan(
+            &shared.route,
+            cost,
+            &attempt,
+            Timestamp::now(),
+            deadline,
+            true,
+        );
         match plan {
             Plan::Call(call) => {
                 shared.reservations.fetch_add(1, Ordering::Relaxed);
                 if call.needs_commit {
                     shared.needs_commit.fetch_add(1, Ordering::Relaxed);
                 }
-                shared.lease_durable(lease, call.needs_commit).await;
+                shared
+                    .lease_durable(call.reservation.lease(), call.needs_commit)
+                    .await;
                 tokio::time::sleep(latency).await;
                 let outcome = CallOutcome {
                     result: Ok(Completion {
@@ -310,7 +302,6 @@ fn main() {
         store: store.clone(),
         rotator: Mutex::new(Rotator::new(&config)),
         route: config.routing.auto.clone(),
-        lease_version: AtomicU64::new(0),
         durable: watch::channel(0).0,
         reservations: AtomicU64::new(0),
         needs_commit: AtomicU64::new(0),

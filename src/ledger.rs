@@ -171,6 +171,10 @@ pub struct Reservation {
     /// The caller must durably commit [`Ledger::snapshot_dirty`] before sending the
     /// request: this reservation took a new lease that is not on disk yet.
     pub needs_commit: bool,
+    /// The lease this reservation draws on, numbered as [`Ledger::leases_opened`] counts:
+    /// the request may be sent once a snapshot taken at that count or later is durable,
+    /// whoever committed it.
+    lease: u64,
 }
 
 impl Reservation {
@@ -180,6 +184,11 @@ impl Reservation {
 
     pub fn cost(&self) -> Cost {
         self.cost
+    }
+
+    /// See the field: which snapshot must be durable before the request is sent.
+    pub fn lease(&self) -> u64 {
+        self.lease
     }
 }
 
@@ -298,6 +307,8 @@ struct Lease {
     left: Cost,
     /// Milliseconds; the lease may not be drawn on after this instant.
     expires: i64,
+    /// Its number in [`Ledger::leases_opened`]'s count.
+    number: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -367,6 +378,8 @@ pub struct Ledger {
     /// Whether the clock was synchronised at the last observation (`None`: none yet).
     last_synced: Option<bool>,
     next_reservation: u64,
+    /// Leases opened since this ledger was made; see [`Ledger::leases_opened`].
+    leases_opened: u64,
 }
 
 fn ms(t: Timestamp) -> i64 {
@@ -910,6 +923,7 @@ impl Ledger {
             latest: i64::MIN,
             last_synced: None,
             next_reservation: 0,
+            leases_opened: 0,
         }
     }
 
@@ -990,9 +1004,11 @@ impl Ledger {
             false
         } else {
             let size = b.new_lease(cost, &view);
+            self.leases_opened += 1;
             b.lease = Lease {
                 left: size.minus(cost),
                 expires: now.saturating_add(LEASE_LIFETIME_MS),
+                number: self.leases_opened,
             };
             true
         };
@@ -1007,6 +1023,7 @@ impl Ledger {
             id,
             cost,
             needs_commit,
+            lease: b.lease.number,
         })
     }
 
@@ -1344,6 +1361,14 @@ impl Ledger {
             }
         }
         until
+    }
+
+    /// How many leases this ledger has opened. A snapshot taken now holds all of them:
+    /// once it is durable, every reservation whose [`Reservation::lease`] is at most this
+    /// may be sent, and a reservation on a budget whose lease is older need not wait for
+    /// a commit of another budget's new one.
+    pub fn leases_opened(&self) -> u64 {
+        self.leases_opened
     }
 
     /// The rows of every budget changed since the last call, leases counted as spent:
@@ -1849,6 +1874,37 @@ pub(crate) mod tests {
         assert!(commits <= 10, "{commits} commits");
         assert!(tail.iter().filter(|c| **c).count() <= 2, "{tail:?}");
         assert!(!tail[..5].iter().all(|c| *c));
+    }
+
+    #[test]
+    fn a_reservation_waits_only_for_the_lease_it_draws_on() {
+        let mut l = Ledger::new(&config(vec![provider(
+            "groq",
+            DailyReset::Rolling,
+            &[("m", limits(Some(1000), None, None, None))],
+            &[("k1", None), ("k2", None)],
+        )]));
+        let b1 = l.budget_for("k1", "m").cloned().expect("b1");
+        let b2 = l.budget_for("k2", "m").cloned().expect("b2");
+        let t0 = at("2026-01-01T00:00:00Z");
+        // k1 under load, until its lease covers more than the request that opened it.
+        let opened = (0..10)
+            .map(|_| l.reserve(&b1, REQ, t0, true).expect("fits"))
+            .filter(|r| r.needs_commit)
+            .last()
+            .expect("k1 opened a lease");
+        let k1_lease = opened.lease();
+        assert_eq!(k1_lease, l.leases_opened());
+        // k2 opens a lease of its own, not on disk yet.
+        let other = l.reserve(&b2, REQ, t0, true).expect("fits");
+        assert!(other.needs_commit);
+        assert!(other.lease() > k1_lease);
+        // k1's next request draws on k1's lease: a snapshot taken before k2's lease
+        // covers it, so it need not wait for k2's commit.
+        let again = l.reserve(&b1, REQ, t0, true).expect("fits");
+        assert!(!again.needs_commit);
+        assert_eq!(again.lease(), k1_lease);
+        assert_eq!(l.leases_opened(), other.lease());
     }
 
     #[test]

@@ -79,11 +79,9 @@ pub struct Relay {
     /// Every task the relay spawns, so a stop can wait for them.
     tracker: TaskTracker,
     rotator: Mutex<Rotator>,
-    /// Bumped, under the rotator lock, whenever a reservation opens a new lease.
-    lease_version: AtomicU64,
-    /// The highest `lease_version` whose snapshot is on disk. A call is sent only once
-    /// this covers the lease its reservation drew on, whoever opened that lease: a crash
-    /// must never forget budget that reached a provider.
+    /// The highest [`Rotator::leases_opened`] whose snapshot is on disk. A call is sent
+    /// only once this covers the lease its reservation draws on, whoever opened that
+    /// lease: a crash must never forget budget that reached a provider.
     durable: watch::Sender<u64>,
     providers: HashMap<String, ProviderClient>,
     /// Each key's secret by label; `reset` reads the key file again.
@@ -147,7 +145,6 @@ impl Relay {
             changes: watch::channel(0).0,
             tracker,
             rotator: Mutex::new(rotator),
-            lease_version: AtomicU64::new(0),
             durable: watch::channel(0).0,
             providers,
             keys: Mutex::new(keys),
@@ -196,21 +193,24 @@ impl Relay {
 
     /// Writes what changed in the budgets and key states; `exact` on a clean stop.
     pub async fn persist(&self, exact: bool) -> Result<(), crate::store::CommitError> {
-        let (rows, version) = {
+        let (committed, version) = {
             let mut r = lock(&self.rotator);
             let rows = if exact {
                 r.snapshot_exact()
             } else {
                 r.snapshot_dirty()
             };
-            (rows, self.lease_version.load(Ordering::SeqCst))
+            let batch = Batch {
+                rows,
+                latest_time_ms: Some(self.clock.now().as_millisecond()),
+                ..Batch::default()
+            };
+            // Handed to the store under the lock, so snapshots reach it in the order they
+            // were taken: an older row never overwrites a newer one, and once this one is
+            // durable so is every snapshot before it.
+            (self.store.commit(batch), r.leases_opened())
         };
-        let batch = Batch {
-            rows,
-            latest_time_ms: Some(self.clock.now().as_millisecond()),
-            ..Batch::default()
-        };
-        self.commit(batch).await?;
+        self.confirm(committed).await?;
         self.durable.send_if_modified(|durable| {
             let newer = version > *durable;
             if newer {
@@ -221,8 +221,8 @@ impl Relay {
         Ok(())
     }
 
-    /// Whether the leases up to `version` are on disk, committing them when nobody else
-    /// does within [`LEASE_COMMIT_WAIT`]. `false`: the store cannot record them.
+    /// Whether the lease numbered `version` is on disk, committing it when nobody else
+    /// does within [`LEASE_COMMIT_WAIT`]. `false`: the store cannot record it.
     async fn lease_durable(&self, version: u64, opened_it: bool) -> bool {
         if *self.durable.borrow() >= version {
             return true;
@@ -239,7 +239,15 @@ impl Relay {
     }
 
     async fn commit(&self, batch: Batch) -> Result<(), crate::store::CommitError> {
-        let result = self.store.commit(batch).await;
+        self.confirm(self.store.commit(batch)).await
+    }
+
+    /// Waits for a batch handed to the store, and notes whether the store works.
+    async fn confirm(
+        &self,
+        committed: impl Future<Output = Result<(), crate::store::CommitError>>,
+    ) -> Result<(), crate::store::CommitError> {
+        let result = committed.await;
         let ok = result.is_ok();
         if self.store_usable.swap(ok, Ordering::Relaxed) != ok {
             self.changed();
@@ -552,17 +560,13 @@ impl Relay {
                 return Some(self.deadline_reply(task, received_at));
             }
             let synced = self.clock.synchronised();
-            let (plan, lease) = {
-                let mut rotator = lock(&self.rotator);
-                let plan = rotator.plan(route, cost, &attempt, now, deadline, synced);
-                if matches!(&plan, Plan::Call(call) if call.needs_commit) {
-                    self.lease_version.fetch_add(1, Ordering::SeqCst);
-                }
-                (plan, self.lease_version.load(Ordering::SeqCst))
-            };
+            let plan = lock(&self.rotator).plan(route, cost, &attempt, now, deadline, synced);
             match plan {
                 Plan::Call(call) => {
-                    if !self.lease_durable(lease, call.needs_commit).await {
+                    if !self
+                        .lease_durable(call.reservation.lease(), call.needs_commit)
+                        .await
+                    {
                         // Nothing is spent that the store cannot remember.
                         lock(&self.rotator).release(&call);
                         self.pause(STORE_RETRY, deadline).await?;

@@ -976,6 +976,11 @@ impl Rotator {
         next
     }
 
+    /// See [`Ledger::leases_opened`]: read with the snapshot it is to describe.
+    pub fn leases_opened(&self) -> u64 {
+        self.ledger.leases_opened()
+    }
+
     /// Rows changed since the last call (budgets with their leases counted as spent, key
     /// states, provider backoffs): what a commit writes.
     pub fn snapshot_dirty(&mut self) -> Vec<(String, Vec<u8>)> {
