@@ -334,7 +334,7 @@ fn failure(status: u16, limits: &RateLimitHeaders, body: &[u8], key: &Secret) ->
 mod tests {
     use super::*;
     use crate::provider::ChatMessage;
-    use crate::provider::test_support::fixture;
+    use crate::provider::test_support::{fixture, violation, violations};
 
     const KEY: &str = "AIzaSyTestKeyThatMustNeverBePrinted01234";
 
@@ -357,21 +357,6 @@ mod tests {
                 ..
             }) => (*retry_after, *scope, detail.as_str()),
             other => panic!("expected RateLimited, got {other:?}"),
-        }
-    }
-
-    fn violations(outcome: &CallOutcome) -> &[Violation] {
-        match &outcome.result {
-            Err(Failure::RateLimited { violations, .. }) => violations,
-            other => panic!("expected RateLimited, got {other:?}"),
-        }
-    }
-
-    fn violation(scope: LimitScope, dimension: LimitDimension, limit: Option<u64>) -> Violation {
-        Violation {
-            scope,
-            dimension,
-            limit,
         }
     }
 

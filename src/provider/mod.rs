@@ -457,10 +457,33 @@ pub(crate) fn body_detail(key: &Secret, status: u16, message: Option<&str>, body
     }
 }
 
-/// Recorded provider answers (`tests/fixtures/providers/*.http`) read back for tests.
+/// Recorded provider answers (`tests/fixtures/providers/*.http`) read back for tests,
+/// and what both classifiers' tests look at in a 429.
 #[cfg(test)]
 pub(crate) mod test_support {
     use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+    use super::{CallOutcome, Failure, LimitDimension, LimitScope, Violation};
+
+    /// The limits a `RateLimited` outcome names; panics on anything else.
+    pub(crate) fn violations(outcome: &CallOutcome) -> &[Violation] {
+        match &outcome.result {
+            Err(Failure::RateLimited { violations, .. }) => violations,
+            other => panic!("expected RateLimited, got {other:?}"),
+        }
+    }
+
+    pub(crate) fn violation(
+        scope: LimitScope,
+        dimension: LimitDimension,
+        limit: Option<u64>,
+    ) -> Violation {
+        Violation {
+            scope,
+            dimension,
+            limit,
+        }
+    }
 
     /// One HTTP response as a provider sent it.
     pub(crate) struct Fixture {

@@ -304,7 +304,7 @@ fn stated_limit(text: &str) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::provider::ChatMessage;
-    use crate::provider::test_support::{Fixture, fixture};
+    use crate::provider::test_support::{Fixture, fixture, violation, violations};
 
     const GROQ_KEY: &str = "gsk_TestKey0123456789abcdefghijklmnopqrstuvwxyzABCD";
     const OPENAI_KEY: &str = "sk-proj-abcTestKeyThatMustNeverBePrinted0123456789wxyz";
@@ -328,20 +328,8 @@ mod tests {
         }
     }
 
-    /// The limits a `RateLimited` outcome names; panics on anything else.
-    fn violations(outcome: &CallOutcome) -> &[Violation] {
-        match &outcome.result {
-            Err(Failure::RateLimited { violations, .. }) => violations,
-            other => panic!("expected RateLimited, got {other:?}"),
-        }
-    }
-
     fn named(scope: LimitScope, dimension: LimitDimension, limit: Option<u64>) -> Vec<Violation> {
-        vec![Violation {
-            scope,
-            dimension,
-            limit,
-        }]
+        vec![violation(scope, dimension, limit)]
     }
 
     /// A 429 with this error body and no headers.
