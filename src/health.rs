@@ -6,6 +6,8 @@ use jiff::Timestamp;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
+use crate::ledger::Remaining;
+
 /// Under this fraction of a daily limit left, a key makes the node `degraded` (SPEC §3, §5).
 pub const DEGRADED_FRACTION: f64 = 0.2;
 
@@ -17,15 +19,6 @@ pub enum KeyState {
     Cooling,
     Exhausted,
     Disabled,
-}
-
-/// What remains today of one key's budget for one model; `None`: no such limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct Remaining {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rpd: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tpd: Option<u64>,
 }
 
 /// One key, as the rotator reports it.
