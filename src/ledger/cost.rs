@@ -16,6 +16,17 @@ pub const MESSAGE_OVERHEAD_TOKENS: u64 = 4;
 /// characters errs on the high side for non-Latin scripts, which tokenise densely.
 pub const BYTES_PER_TOKEN: u64 = 4;
 
+/// The tokens a prompt of these message contents (one item per message) is estimated
+/// to take: each message's UTF-8 bytes per [`BYTES_PER_TOKEN`], rounded up, plus
+/// [`MESSAGE_OVERHEAD_TOKENS`]. The test providers count prompts with it too, so that
+/// what they report is what keyrelay expected.
+pub fn estimate_prompt_tokens<'a>(contents: impl IntoIterator<Item = &'a str>) -> u64 {
+    contents
+        .into_iter()
+        .map(|text| (text.len() as u64).div_ceil(BYTES_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS)
+        .fold(0, u64::saturating_add)
+}
+
 /// What one request costs a budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Cost {
@@ -27,11 +38,7 @@ impl Cost {
     /// One request, and tokens = an estimate of the prompt plus the answer's
     /// `max_tokens` (or [`DEFAULT_MAX_TOKENS`]).
     pub fn estimate(request: &ChatRequest) -> Cost {
-        let prompt: u64 = request
-            .messages
-            .iter()
-            .map(|m| (m.content.len() as u64).div_ceil(BYTES_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS)
-            .sum();
+        let prompt = estimate_prompt_tokens(request.messages.iter().map(|m| m.content.as_str()));
         let answer = request.max_tokens.map_or(DEFAULT_MAX_TOKENS, u64::from);
         Cost {
             requests: 1,

@@ -31,7 +31,9 @@ use serde::Serialize;
 use crate::config::{Config, DailyReset, ModelLimits};
 use crate::provider::Usage;
 
-pub use cost::{BYTES_PER_TOKEN, Cost, DEFAULT_MAX_TOKENS, MESSAGE_OVERHEAD_TOKENS};
+pub use cost::{
+    BYTES_PER_TOKEN, Cost, DEFAULT_MAX_TOKENS, MESSAGE_OVERHEAD_TOKENS, estimate_prompt_tokens,
+};
 pub use snapshot::RestoreError;
 pub(crate) use snapshot::{decode, encode};
 

@@ -139,30 +139,9 @@ pub const DETAIL_MAX_CHARS: usize = 300;
 /// broken proxy streaming without end must not fill a Pi's memory.
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
-/// Characters per token assumed when a prompt's size is estimated before sending it.
-/// Providers count with their own tokenizers; the usage they report settles the difference.
-pub const CHARS_PER_TOKEN: u64 = 4;
-
 /// The `status` of a [`Failure::KeyRejected`] raised before any HTTP exchange: the key
 /// cannot even be written into a request header.
 pub const NO_HTTP_STATUS: u16 = 0;
-
-impl ChatRequest {
-    /// The prompt's size in tokens, estimated from its characters (rounded up).
-    pub fn estimated_prompt_tokens(&self) -> u64 {
-        let chars: usize = self
-            .messages
-            .iter()
-            .map(|m| m.content.chars().count())
-            .sum();
-        (chars as u64).div_ceil(CHARS_PER_TOKEN)
-    }
-
-    /// What this request may cost in tokens: the estimated prompt plus the answer's cap.
-    pub fn estimated_tokens(&self) -> u64 {
-        self.estimated_prompt_tokens() + u64::from(self.max_tokens.unwrap_or(0))
-    }
-}
 
 impl RateLimitHeaders {
     /// Reads the `x-ratelimit-*` and `retry-after` headers; a header that is absent
@@ -606,29 +585,6 @@ mod tests {
         );
         // Ordinary words with a key's prefix stay.
         assert_eq!(detail(&key, "sk-learn failed"), "sk-learn failed");
-    }
-
-    #[test]
-    fn prompt_estimate_counts_characters_not_bytes() {
-        let req = ChatRequest {
-            model: "m".to_owned(),
-            messages: vec![
-                ChatMessage {
-                    role: "system".to_owned(),
-                    content: "ñññ".to_owned(),
-                },
-                ChatMessage {
-                    role: "user".to_owned(),
-                    content: "Hola!".to_owned(),
-                },
-            ],
-            max_tokens: Some(100),
-            temperature: None,
-            top_p: None,
-            stop: Vec::new(),
-        };
-        assert_eq!(req.estimated_prompt_tokens(), 2);
-        assert_eq!(req.estimated_tokens(), 102);
     }
 
     /// What the local server saw: the URL and the headers of the one request.

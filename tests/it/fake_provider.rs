@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use keyrelay::provider::CHARS_PER_TOKEN;
+use keyrelay::ledger::estimate_prompt_tokens;
 
 /// The tokens every fake answer reports as its completion (fewer if `max_tokens` is lower).
 pub const FAKE_COMPLETION_TOKENS: u64 = 5;
@@ -413,11 +413,12 @@ fn read_call(kind: FakeKind, model: &str, uri: &Uri, headers: &HeaderMap, body: 
             (key, model.to_owned(), prompt, max_tokens, last_user)
         }
     };
-    let chars: usize = prompt.iter().map(|p| p.chars().count()).sum();
     Call {
         key,
         model,
-        prompt_tokens: (chars as u64).div_ceil(CHARS_PER_TOKEN),
+        // With keyrelay's own estimator (each text is one message in both wire formats),
+        // so that the fake reports what keyrelay expected and tests can reason in its terms.
+        prompt_tokens: estimate_prompt_tokens(prompt.iter().map(String::as_str)),
         max_tokens,
         rejected: prompt.iter().any(|p| p.contains(REJECT_MARKER)),
         last_user,
