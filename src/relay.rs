@@ -339,12 +339,12 @@ impl Relay {
 
         let received_at = self.clock.now();
         let deadline = received_at + Duration::from_secs(task.deadline_secs);
-        let route = self.config.targets_for_model(&task.model);
+        let route = self.config.targets_for_model(&task.request.model);
         if route.is_empty() {
             let reply = Reply::error(
                 &task.id,
                 ErrorCode::NoRoute,
-                format!("no provider serves the model {:?}", task.model),
+                format!("no provider serves the model {:?}", task.request.model),
             );
             return self
                 .answer(&task, reply, &reply_topic, correlation, Some(&received))
@@ -425,12 +425,12 @@ impl Relay {
             Timestamp::from_millisecond(record.deadline_ms).unwrap_or_else(|_| self.clock.now());
         let received_at = Timestamp::from_millisecond(pending.received_at_ms)
             .unwrap_or_else(|_| self.clock.now());
-        let route = self.config.targets_for_model(&task.model);
+        let route = self.config.targets_for_model(&task.request.model);
         let reply = if route.is_empty() {
             Some(Reply::error(
                 &task.id,
                 ErrorCode::NoRoute,
-                format!("no provider serves the model {:?}", task.model),
+                format!("no provider serves the model {:?}", task.request.model),
             ))
         } else {
             self.serve(&task, &route, deadline, received_at).await
@@ -550,7 +550,9 @@ impl Relay {
         deadline: Timestamp,
         received_at: Timestamp,
     ) -> Option<Reply> {
-        let cost = Cost::estimate(&task.chat_request(&route[0].model));
+        let cost = Cost::estimate(&task.request);
+        // One copy per task, not per call: each call only changes its model.
+        let mut request = task.request.clone();
         let mut attempt = Attempt::new();
         let mut queued = Duration::ZERO;
         let started = Instant::now();
@@ -584,7 +586,7 @@ impl Relay {
                         lock(&self.rotator).release(&call);
                         continue;
                     };
-                    let request = task.chat_request(&call.model);
+                    request.model.clone_from(&call.model);
                     let outcome = client.chat(&secret, &request).await;
                     self.stats.provider_calls.fetch_add(1, Ordering::Relaxed);
                     if let Err(failure) = &outcome.result {

@@ -26,28 +26,12 @@ const MAX_STOP_SEQUENCES: usize = 4;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {
     pub id: String,
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
-    pub max_tokens: Option<u32>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub stop: Vec<String>,
+    /// What to ask, as the client asked it. Its `model` is the one the client named
+    /// (`auto`, `provider/model` or a model name), from which the route is chosen; each
+    /// call to a provider names its own target's model instead.
+    pub request: ChatRequest,
     pub reply_to: Option<String>,
     pub deadline_secs: u64,
-}
-
-impl Task {
-    /// The provider-neutral request for one target model.
-    pub fn chat_request(&self, model: &str) -> ChatRequest {
-        ChatRequest {
-            model: model.to_owned(),
-            messages: self.messages.clone(),
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            stop: self.stop.clone(),
-        }
-    }
 }
 
 /// The wire form of a task: every field optional so that a wrong one is reported by name.
@@ -149,12 +133,14 @@ pub fn parse(
     };
     Ok(Task {
         id,
-        model,
-        messages,
-        max_tokens,
-        temperature,
-        top_p,
-        stop,
+        request: ChatRequest {
+            model,
+            messages,
+            max_tokens,
+            temperature,
+            top_p,
+            stop,
+        },
         reply_to,
         deadline_secs,
     })
@@ -421,11 +407,12 @@ mod tests {
             "max_tokens":512,"temperature":0.7,"top_p":0.9,"stop":["\n\n"],
             "reply_to":"clients/bot-1/replies","deadline_secs":30}"#);
         assert_eq!(t.id, "b1f0");
-        assert_eq!(t.model, "groq/llama-3.3-70b-versatile");
-        assert_eq!(t.messages.len(), 2);
-        assert_eq!(t.max_tokens, Some(512));
-        assert_eq!(t.temperature, Some(0.7));
-        assert_eq!(t.stop, vec!["\n\n".to_owned()]);
+        assert_eq!(t.request.model, "groq/llama-3.3-70b-versatile");
+        assert_eq!(t.request.messages.len(), 2);
+        assert_eq!(t.request.max_tokens, Some(512));
+        assert_eq!(t.request.temperature, Some(0.7));
+        assert_eq!(t.request.top_p, Some(0.9));
+        assert_eq!(t.request.stop, vec!["\n\n".to_owned()]);
         assert_eq!(t.reply_to.as_deref(), Some("clients/bot-1/replies"));
         assert_eq!(t.deadline_secs, 30);
     }
@@ -434,9 +421,12 @@ mod tests {
     fn defaults_fill_in() {
         let t = ok(r#"{"messages":[{"role":"user","content":"hi"}],"stop":"END"}"#);
         assert_eq!(t.id, "made-up");
-        assert_eq!(t.model, "auto");
+        assert_eq!(t.request.model, "auto");
         assert_eq!(t.deadline_secs, DEFAULT_DEADLINE_SECS);
-        assert_eq!(t.stop, vec!["END".to_owned()]);
+        assert_eq!(t.request.stop, vec!["END".to_owned()]);
+        assert_eq!(t.request.max_tokens, None);
+        assert_eq!(t.request.temperature, None);
+        assert_eq!(t.request.top_p, None);
     }
 
     #[test]
