@@ -16,13 +16,13 @@ const LEASE_DEMAND_FACTOR: u64 = 2;
 /// than the demand it covers, so that a lease is not dropped half used.
 pub(super) const LEASE_LIFETIME_MS: i64 = 10_000;
 
-/// Budget charged ahead and persisted; see [`Ledger::reserve`].
+/// Budget charged ahead and persisted; see [`Ledger::reserve`](super::Ledger::reserve).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Lease {
     pub(super) left: Cost,
     /// Milliseconds; the lease may not be drawn on after this instant.
     pub(super) expires: i64,
-    /// Its number in [`Ledger::leases_opened`]'s count.
+    /// Its number in [`Ledger::leases_opened`](super::Ledger::leases_opened)'s count.
     pub(super) number: u64,
 }
 

@@ -8,9 +8,9 @@
 //! usage counts until the *end* of its slot plus the window, so the ledger may
 //! believe it has less budget than the provider does, never more.
 //!
-//! One idea per file: [`cost`] what a request costs; [`window`] the minute and day
-//! windows and when a cost fits; [`lease`] budget charged ahead; [`learn`] what the
-//! providers' headers and 429s teach; [`snapshot`] the persisted rows. This file holds
+//! One idea per file: `cost` what a request costs; `window` the minute and day
+//! windows and when a cost fits; `lease` budget charged ahead; `learn` what the
+//! providers' headers and 429s teach; `snapshot` the persisted rows. This file holds
 //! the budgets and the ledger's API.
 
 mod cost;

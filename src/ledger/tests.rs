@@ -106,6 +106,51 @@ pub(crate) const REQ: Cost = Cost {
     tokens: 10,
 };
 
+pub(crate) fn groq_limits() -> ModelLimits {
+    limits(Some(30), Some(1000), Some(12000), Some(100_000))
+}
+
+/// A 429 that named this limit.
+pub(crate) fn refusal(
+    scope: LimitScope,
+    dimension: LimitDimension,
+    limit: Option<u64>,
+) -> Violation {
+    Violation {
+        scope,
+        dimension,
+        limit,
+    }
+}
+
+pub(crate) fn rpm_refusal(limit: Option<u64>) -> Vec<Violation> {
+    vec![refusal(LimitScope::Minute, LimitDimension::Requests, limit)]
+}
+
+/// Reserves and settles requests at `t` until the ledger refuses one; how many it
+/// granted, and its answer to the one more.
+pub(crate) fn fill(l: &mut Ledger, b: &BudgetId, t: Timestamp) -> (usize, Room) {
+    let mut granted = 0;
+    loop {
+        match l.reserve(b, REQ, t, true) {
+            Ok(r) => {
+                l.settle(
+                    &r,
+                    Usage {
+                        prompt_tokens: 5,
+                        completion_tokens: 5,
+                    },
+                    t,
+                );
+                granted += 1;
+            }
+            Err(room) => return (granted, room),
+        }
+    }
+}
+
+// --- The ledger as a whole. ---
+
 #[test]
 fn keys_of_one_account_share_one_budget() {
     let l = Ledger::new(&config(vec![provider(
@@ -157,50 +202,6 @@ fn settle_replaces_the_token_estimate_and_release_gives_all_back() {
     l.release(&r2);
     l.release(&r2);
     assert_tokens_left(&l, &b, t, 900);
-}
-
-pub(crate) fn groq_limits() -> ModelLimits {
-    limits(Some(30), Some(1000), Some(12000), Some(100_000))
-}
-
-// --- Limits learned from 429s. ---
-
-pub(crate) fn refusal(
-    scope: LimitScope,
-    dimension: LimitDimension,
-    limit: Option<u64>,
-) -> Violation {
-    Violation {
-        scope,
-        dimension,
-        limit,
-    }
-}
-
-pub(crate) fn rpm_refusal(limit: Option<u64>) -> Vec<Violation> {
-    vec![refusal(LimitScope::Minute, LimitDimension::Requests, limit)]
-}
-
-/// Reserves and settles requests at `t` until the ledger refuses one; how many it
-/// granted, and its answer to the one more.
-pub(crate) fn fill(l: &mut Ledger, b: &BudgetId, t: Timestamp) -> (usize, Room) {
-    let mut granted = 0;
-    loop {
-        match l.reserve(b, REQ, t, true) {
-            Ok(r) => {
-                l.settle(
-                    &r,
-                    Usage {
-                        prompt_tokens: 5,
-                        completion_tokens: 5,
-                    },
-                    t,
-                );
-                granted += 1;
-            }
-            Err(room) => return (granted, room),
-        }
-    }
 }
 
 // --- Property tests: random operations and clock jumps. ---
