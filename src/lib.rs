@@ -35,3 +35,8 @@ pub mod secret;
 pub mod service;
 pub mod store;
 pub mod task;
+
+// The fake providers of `tests/it`, which the unit tests share, name this crate `keyrelay` as an
+// integration test must.
+#[cfg(test)]
+extern crate self as keyrelay;
