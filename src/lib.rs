@@ -9,7 +9,7 @@
 //! - [`provider`]: one file per wire format; each call's outcome classified for the rotator.
 //! - [`ledger`]: budgets, windows and reservations per key and model (pure).
 //! - [`rotator`]: which key serves a task next, and what a provider's answer means (pure).
-//! - [`store`]: the only file touching redb: budgets, key states and task records on disk.
+//! - [`store`]: the only module touching redb: budgets, key states and task records on disk.
 //! - [`clock`]: wall time that never runs backwards, and whether it is synchronised.
 //! - [`health`]: one health value from the broker and the keys, for topic, LEDs and `status`.
 //! - [`leds`]: the lights, one file per backend.
@@ -35,3 +35,8 @@ pub mod secret;
 pub mod service;
 pub mod store;
 pub mod task;
+
+// The fake providers of `tests/it`, which the unit tests share, name this crate `keyrelay` as an
+// integration test must.
+#[cfg(test)]
+extern crate self as keyrelay;

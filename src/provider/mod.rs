@@ -4,6 +4,12 @@
 mod gemini;
 mod openai;
 
+/// The integration tests' fake Groq and Gemini, included here too, so that the unit tests and
+/// the integration tests speak to one fake with one behaviour.
+#[cfg(test)]
+#[path = "../../tests/it/fake_provider.rs"]
+mod fake_provider;
+
 use std::time::Duration;
 
 use reqwest::header::HeaderMap;
@@ -502,15 +508,8 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
 
-    use axum::Router;
-    use axum::extract::State;
-    use axum::http::{HeaderMap as AxumHeaders, StatusCode, Uri};
-    use axum::response::IntoResponse;
-    use axum::routing::post;
-
-    use super::test_support::{Fixture, fixture};
+    use super::fake_provider::{FAKE_COMPLETION_TOKENS, FakeKind, FakeLimits, FakeProvider};
     use super::*;
     use crate::config::DailyReset;
 
@@ -587,54 +586,6 @@ mod tests {
         assert_eq!(detail(&key, "sk-learn failed"), "sk-learn failed");
     }
 
-    /// What the local server saw: the URL and the headers of the one request.
-    #[derive(Default)]
-    struct Seen {
-        uri: Option<String>,
-        headers: Option<AxumHeaders>,
-        body: Option<serde_json::Value>,
-    }
-
-    /// The local server's state: the answer it gives and what it was sent.
-    #[derive(Clone)]
-    struct Recorder {
-        answer: &'static str,
-        seen: Arc<Mutex<Seen>>,
-    }
-
-    async fn record(
-        State(recorder): State<Recorder>,
-        uri: Uri,
-        headers: AxumHeaders,
-        body: String,
-    ) -> axum::response::Response {
-        let mut seen = recorder.seen.lock().expect("lock");
-        seen.uri = Some(uri.to_string());
-        seen.headers = Some(headers);
-        seen.body = serde_json::from_str(&body).ok();
-        let Fixture {
-            status,
-            headers,
-            body,
-        } = fixture(recorder.answer);
-        (StatusCode::from_u16(status).expect("status"), headers, body).into_response()
-    }
-
-    /// Serves `answer` to every POST and keeps what was sent; returns the base URL.
-    async fn serve(answer: &'static str, base_path: &str) -> (String, Arc<Mutex<Seen>>) {
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let app = Router::new().fallback(post(record)).with_state(Recorder {
-            answer,
-            seen: seen.clone(),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (format!("http://{addr}{base_path}"), seen)
-    }
-
     fn config(kind: ProviderKind, base_url: &str, timeout: Duration) -> ProviderConfig {
         ProviderConfig {
             name: "test".to_owned(),
@@ -668,45 +619,55 @@ mod tests {
 
     #[tokio::test]
     async fn openai_round_trip_sends_a_bearer_and_reads_the_answer() {
-        let (base, seen) = serve(
-            include_str!("../../tests/fixtures/providers/groq_200_chat_completion.http"),
-            "/openai/v1",
+        let fake = FakeProvider::start(FakeKind::Groq).await;
+        let key = "gsk_RoundTripKey0123456789";
+        fake.add_key(key, FakeLimits::unlimited().rpd(1000));
+        let outcome = client(
+            ProviderKind::OpenAi,
+            &fake.base_url(),
+            Duration::from_secs(10),
         )
+        .chat(&Secret::new(key), &hola("llama-3.3-70b-versatile"))
         .await;
-        let key = Secret::new("gsk_RoundTripKey0123456789");
-        let outcome = client(ProviderKind::OpenAi, &base, Duration::from_secs(10))
-            .chat(&key, &hola("llama-3.3-70b-versatile"))
-            .await;
         let completion = outcome.result.expect("a completion");
-        assert_eq!(completion.usage.total(), 30);
-        assert_eq!(outcome.headers.remaining_requests, Some(812));
-        let seen = seen.lock().expect("lock");
-        assert_eq!(seen.uri.as_deref(), Some("/openai/v1/chat/completions"));
-        let headers = seen.headers.as_ref().expect("headers");
+        assert_eq!(completion.content, "echo: Hola");
+        assert_eq!(completion.usage.completion_tokens, FAKE_COMPLETION_TOKENS);
+        assert!(completion.usage.prompt_tokens > 0, "{:?}", completion.usage);
+        assert_eq!(outcome.headers.limit_requests, Some(1000));
+        assert_eq!(outcome.headers.remaining_requests, Some(999));
+        let recorded = fake.recorded();
+        let [seen] = recorded.as_slice() else {
+            panic!("one request expected, the fake saw {recorded:?}");
+        };
+        assert_eq!(seen.uri(), "/openai/v1/chat/completions");
         assert_eq!(
-            headers["authorization"].to_str().ok(),
+            seen.header("authorization"),
             Some("Bearer gsk_RoundTripKey0123456789")
         );
         assert!(
-            headers["user-agent"]
-                .to_str()
-                .is_ok_and(|ua| ua.starts_with("keyrelay/"))
+            seen.header("user-agent")
+                .is_some_and(|ua| ua.starts_with("keyrelay/"))
         );
-        let body = seen.body.as_ref().expect("a JSON body");
-        assert_eq!(body["max_tokens"], 64);
-        assert!(body.get("temperature").is_none());
+        assert_eq!(seen.body["max_tokens"], 64);
+        assert!(seen.body.get("temperature").is_none());
     }
 
     #[tokio::test]
     async fn gemini_round_trip_keeps_the_key_out_of_the_url() {
-        let (base, seen) = serve(
-            include_str!("../../tests/fixtures/providers/gemini_429_per_day_two_violations.http"),
-            "/v1beta",
-        )
-        .await;
-        let key = Secret::new("AIzaRoundTripKey0123456789");
-        let outcome = client(ProviderKind::Gemini, &base, Duration::from_secs(10))
-            .chat(&key, &hola("gemini-2.0-flash"))
+        let fake = FakeProvider::start(FakeKind::Gemini).await;
+        let key = "AIzaRoundTripKey0123456789";
+        fake.add_key(key, FakeLimits::unlimited().rpd(1));
+        let client = client(
+            ProviderKind::Gemini,
+            &fake.base_url(),
+            Duration::from_secs(10),
+        );
+        let served = client
+            .chat(&Secret::new(key), &hola("gemini-2.0-flash"))
+            .await;
+        assert!(served.result.is_ok(), "{:?}", served.result);
+        let outcome = client
+            .chat(&Secret::new(key), &hola("gemini-2.0-flash"))
             .await;
         assert!(
             matches!(
@@ -719,15 +680,19 @@ mod tests {
             "{:?}",
             outcome.result
         );
-        let seen = seen.lock().expect("lock");
-        let uri = seen.uri.as_deref().expect("a request");
-        assert_eq!(uri, "/v1beta/models/gemini-2.0-flash:generateContent");
-        let headers = seen.headers.as_ref().expect("headers");
-        assert_eq!(
-            headers["x-goog-api-key"].to_str().ok(),
-            Some("AIzaRoundTripKey0123456789")
-        );
-        assert!(headers.get("authorization").is_none());
+        let recorded = fake.recorded();
+        assert_eq!(recorded.len(), 2);
+        for seen in recorded {
+            assert_eq!(
+                seen.uri(),
+                "/v1beta/models/gemini-2.0-flash:generateContent"
+            );
+            assert_eq!(
+                seen.header("x-goog-api-key"),
+                Some("AIzaRoundTripKey0123456789")
+            );
+            assert!(seen.header("authorization").is_none());
+        }
     }
 
     #[tokio::test]
@@ -755,21 +720,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_provider_slower_than_the_timeout_is_transient() {
-        let app = Router::new().fallback(post(|| async {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            "late"
-        }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let fake = FakeProvider::start(FakeKind::Gemini).await;
+        let key = "AIzaSlowKey0123456789";
+        fake.add_key(key, FakeLimits::unlimited());
+        fake.delay(key, Duration::from_secs(30));
         let outcome = client(
             ProviderKind::Gemini,
-            &format!("http://{addr}/v1beta"),
+            &fake.base_url(),
             Duration::from_millis(200),
         )
-        .chat(&Secret::new("AIzaSlowKey0123456789"), &hola("m"))
+        .chat(&Secret::new(key), &hola("m"))
         .await;
         assert!(
             matches!(outcome.result, Err(Failure::Transient { ref detail }) if detail.starts_with("timed out")),
