@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +22,7 @@ use crate::mqtt::{Link, Received, Topics};
 use crate::provider::{Failure, ProviderClient};
 use crate::rotator::{Attempt, FailCode, Next, Plan, Rotator};
 use crate::secret::Secret;
+use crate::state::PendingRecord;
 use crate::store::{Answered, Batch, PendingTask, Store};
 use crate::task::{self, ErrorCode, Reply, Served, Task};
 
@@ -54,15 +54,6 @@ impl Stats {
             rate_limited: self.rate_limited.load(Ordering::Relaxed),
         }
     }
-}
-
-/// What the store keeps of a task it has accepted, to answer it after a restart.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct PendingRecord {
-    task: serde_json::Value,
-    reply_topic: String,
-    correlation: Option<Vec<u8>>,
-    deadline_ms: i64,
 }
 
 /// Everything the relay's tasks share.
@@ -177,7 +168,8 @@ impl Relay {
     pub fn health(&self) -> Health {
         let now = self.clock.now();
         let synced = self.clock.synchronised();
-        lock(&self.rotator).health(
+        crate::health::of_rotator(
+            &lock(&self.rotator),
             &self.config.routing.auto,
             now,
             synced,

@@ -133,7 +133,8 @@ pub mod offline {
             trust_unsynchronised: config.trust_unsynchronised_clock,
         };
         let synced = crate::clock::Clock::synchronised(&clock);
-        let h = rotator.health(
+        let h = crate::health::of_rotator(
+            &rotator,
             &config.routing.auto,
             jiff::Timestamp::now(),
             synced,
