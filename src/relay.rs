@@ -95,6 +95,21 @@ pub enum SetupError {
     },
 }
 
+/// Why an operator's reset did not take effect; the control socket sends it back.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("no key is labelled {0:?}")]
+    UnknownKey(String),
+    #[error("the key of {label} cannot be read: {source}")]
+    Secret {
+        label: String,
+        source: crate::config::SecretError,
+    },
+    /// The cleared state could not be written to the state file.
+    #[error(transparent)]
+    Store(#[from] crate::store::CommitError),
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -248,21 +263,21 @@ impl Relay {
     }
 
     /// An operator's reset: reads the key file again and clears the key's state.
-    pub async fn reset(&self, label: &str) -> Result<(), String> {
-        let source = self
+    pub async fn reset(&self, label: &str) -> Result<(), ResetError> {
+        let (_, key) = self
             .config
-            .providers
-            .iter()
-            .flat_map(|p| &p.keys)
-            .find(|k| k.label == label)
-            .map(|k| k.secret_source.clone())
-            .ok_or_else(|| format!("no key is labelled {label:?}"))?;
-        let secret = crate::config::load_secret(&source)
-            .map_err(|e| format!("the key of {label} cannot be read: {e}"))?;
+            .key(label)
+            .ok_or_else(|| ResetError::UnknownKey(label.to_owned()))?;
+        let secret = crate::config::load_secret(&key.secret_source).map_err(|source| {
+            ResetError::Secret {
+                label: label.to_owned(),
+                source,
+            }
+        })?;
         lock(&self.keys).insert(label.to_owned(), secret);
         lock(&self.rotator).reset(label);
         log::info!(event = "key_reset", key = label; "key {label} reset by the operator");
-        self.persist(false).await.map_err(|e| e.to_string())?;
+        self.persist(false).await?;
         self.changed();
         Ok(())
     }

@@ -174,7 +174,7 @@ async fn serve(
     };
     let connection = Arc::new(AtomicU64::new(0));
     let link = driver.link(connection.clone());
-    let socket_path = super::control_socket_path(&config);
+    let socket_path = crate::control::socket_path(&config);
     let listener =
         crate::control::bind(&socket_path).map_err(|e| CmdError::Runtime(e.to_string()))?;
 
