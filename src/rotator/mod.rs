@@ -31,7 +31,7 @@ mod test_support;
 
 pub use crate::ledger::RestoreError;
 pub use plan::{Attempt, Call, Plan};
-pub use record::{FailCode, Next};
+pub use record::{FailCode, MAX_TRANSIENT_RETRIES, Next};
 pub use report::{KeyReport, KeyState};
 
 /// A provider's backoff and what may start the next one.
