@@ -1,7 +1,8 @@
 //! The local control socket: how `keyrelay status` and `keyrelay reset` reach a running
 //! daemon (redb lets only one process open the state file). One JSON line in, one out.
+//! Owns both ends: where the socket is, the daemon's server and the subcommands' client.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,14 +12,15 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Config;
 use crate::relay::Relay;
 
 /// The socket's file name.
-pub const SOCKET_NAME: &str = "keyrelay.sock";
+const SOCKET_NAME: &str = "keyrelay.sock";
 /// Where systemd's `RuntimeDirectory=keyrelay` puts it.
-pub const SYSTEMD_RUNTIME_DIR: &str = "/run/keyrelay";
+const SYSTEMD_RUNTIME_DIR: &str = "/run/keyrelay";
 /// How long either side waits for the other's line.
-pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest request line accepted.
 const MAX_REQUEST_BYTES: u64 = 4096;
 
@@ -57,6 +59,27 @@ pub enum ControlError {
     Io(#[from] std::io::Error),
     #[error("the daemon's answer is not understood: {0}")]
     Protocol(#[from] serde_json::Error),
+}
+
+/// Where the daemon listens: in `$RUNTIME_DIRECTORY` under systemd, else beside the
+/// state file.
+pub fn socket_path(config: &Config) -> PathBuf {
+    match std::env::var_os("RUNTIME_DIRECTORY") {
+        Some(dir) => PathBuf::from(dir).join(SOCKET_NAME),
+        None => config.state_dir.join(SOCKET_NAME),
+    }
+}
+
+/// Every place a running daemon's socket may be, for clients, which need not share the
+/// daemon's environment.
+fn socket_candidates(config: &Config) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
+        paths.push(PathBuf::from(dir).join(SOCKET_NAME));
+    }
+    paths.push(PathBuf::from(SYSTEMD_RUNTIME_DIR).join(SOCKET_NAME));
+    paths.push(config.state_dir.join(SOCKET_NAME));
+    paths
 }
 
 /// Binds the socket, replacing a stale one left by a crash.
@@ -128,7 +151,7 @@ async fn answer(stream: UnixStream, relay: &Relay) {
             Err(e) => Response {
                 ok: false,
                 health: None,
-                error: Some(e),
+                error: Some(e.to_string()),
             },
         },
         Err(e) => Response {
@@ -145,7 +168,7 @@ async fn answer(stream: UnixStream, relay: &Relay) {
 }
 
 /// Sends one request to the daemon listening at `path`.
-pub async fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
+async fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
     let exchange = async {
         let mut stream =
             UnixStream::connect(path)
@@ -164,4 +187,20 @@ pub async fn request(path: &Path, req: &Request) -> Result<Response, ControlErro
     tokio::time::timeout(CONTROL_TIMEOUT, exchange)
         .await
         .map_err(|_| ControlError::Timeout)?
+}
+
+/// The running daemon's answer, or `None` when no daemon listens at any of the places its
+/// socket may be.
+pub async fn ask(config: &Config, req: &Request) -> Option<Response> {
+    for path in socket_candidates(config) {
+        match request(&path, req).await {
+            Ok(response) => return Some(response),
+            Err(ControlError::Connect { .. }) => continue,
+            Err(e) => {
+                log::warn!("{e}");
+                continue;
+            }
+        }
+    }
+    None
 }

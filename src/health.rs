@@ -4,40 +4,13 @@
 
 use jiff::Timestamp;
 use serde::Serialize;
-use std::collections::BTreeMap;
 
-use crate::ledger::Remaining;
+use crate::config::Target;
+use crate::rotator::Rotator;
+use crate::rotator::{KeyReport, KeyState};
 
 /// Under this fraction of a daily limit left, a key makes the node `degraded` (SPEC §3, §5).
 pub const DEGRADED_FRACTION: f64 = 0.2;
-
-/// A key's state as operators see it (SPEC §3 health topic, `keyrelay status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KeyState {
-    Ready,
-    Cooling,
-    Exhausted,
-    Disabled,
-}
-
-/// One key, as the rotator reports it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct KeyReport {
-    pub label: String,
-    pub provider: String,
-    pub state: KeyState,
-    /// When the state ends by itself (cooling, exhausted).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub until: Option<Timestamp>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub remaining: BTreeMap<String, Remaining>,
-    /// The smallest fraction of a daily limit left over this key's models (1.0 when none is set);
-    /// under 0.2 the node is `degraded`.
-    #[serde(skip)]
-    pub day_fraction_left: f64,
-}
 
 /// The node's state (SPEC §3): what the `auto` route can do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -131,6 +104,25 @@ pub fn derive(
     }
 }
 
+/// The node's health as `rotator` sees it, `auto` being the route whose service decides
+/// between degraded and exhausted.
+pub fn of_rotator(
+    rotator: &Rotator,
+    auto: &[Target],
+    now: Timestamp,
+    synced: bool,
+    queue: usize,
+    tasks: Counters,
+) -> Health {
+    derive(
+        rotator.key_reports(now, synced),
+        rotator.servable_now(auto, now, synced),
+        queue,
+        tasks,
+        synced,
+    )
+}
+
 /// What one light does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -210,6 +202,8 @@ pub fn lights(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use LightState::{Blink, Off, On};
 

@@ -9,6 +9,7 @@
 //! - [`provider`]: one file per wire format; each call's outcome classified for the rotator.
 //! - [`ledger`]: budgets, windows and reservations per key and model (pure).
 //! - [`rotator`]: which key serves a task next, and what a provider's answer means (pure).
+//! - [`state`]: the schema of what is persisted: row names, key states, task records.
 //! - [`store`]: the only module touching redb: budgets, key states and task records on disk.
 //! - [`clock`]: wall time that never runs backwards, and whether it is synchronised.
 //! - [`health`]: one health value from the broker and the keys, for topic, LEDs and `status`.
@@ -33,6 +34,7 @@ pub mod relay;
 pub mod rotator;
 pub mod secret;
 pub mod service;
+pub mod state;
 pub mod store;
 pub mod task;
 

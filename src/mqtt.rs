@@ -401,22 +401,6 @@ impl Driver {
         }
         state.send_modify(|s| s.up = false);
     }
-
-    /// Polls until the queued publishes (the `offline` message) and the DISCONNECT have
-    /// gone out, or `limit` passes.
-    pub async fn finish(mut self, limit: Duration) {
-        let drain = async {
-            loop {
-                match self.eventloop.poll().await {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        };
-        if tokio::time::timeout(limit, drain).await.is_err() {
-            log::warn!("the broker did not take the last messages within {limit:?}");
-        }
-    }
 }
 
 /// `base` ±25 %, so that a fleet of nodes does not reconnect in lockstep.

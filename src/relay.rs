@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +22,7 @@ use crate::mqtt::{Link, Received, Topics};
 use crate::provider::{Failure, ProviderClient};
 use crate::rotator::{Attempt, FailCode, Next, Plan, Rotator};
 use crate::secret::Secret;
+use crate::state::PendingRecord;
 use crate::store::{Answered, Batch, PendingTask, Store};
 use crate::task::{self, ErrorCode, Reply, Served, Task};
 
@@ -54,15 +54,6 @@ impl Stats {
             rate_limited: self.rate_limited.load(Ordering::Relaxed),
         }
     }
-}
-
-/// What the store keeps of a task it has accepted, to answer it after a restart.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct PendingRecord {
-    task: serde_json::Value,
-    reply_topic: String,
-    correlation: Option<Vec<u8>>,
-    deadline_ms: i64,
 }
 
 /// Everything the relay's tasks share.
@@ -102,6 +93,21 @@ pub enum SetupError {
         name: String,
         source: crate::provider::ProviderBuildError,
     },
+}
+
+/// Why an operator's reset did not take effect; the control socket sends it back.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("no key is labelled {0:?}")]
+    UnknownKey(String),
+    #[error("the key of {label} cannot be read: {source}")]
+    Secret {
+        label: String,
+        source: crate::config::SecretError,
+    },
+    /// The cleared state could not be written to the state file.
+    #[error(transparent)]
+    Store(#[from] crate::store::CommitError),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -177,7 +183,8 @@ impl Relay {
     pub fn health(&self) -> Health {
         let now = self.clock.now();
         let synced = self.clock.synchronised();
-        lock(&self.rotator).health(
+        crate::health::of_rotator(
+            &lock(&self.rotator),
             &self.config.routing.auto,
             now,
             synced,
@@ -256,21 +263,21 @@ impl Relay {
     }
 
     /// An operator's reset: reads the key file again and clears the key's state.
-    pub async fn reset(&self, label: &str) -> Result<(), String> {
-        let source = self
+    pub async fn reset(&self, label: &str) -> Result<(), ResetError> {
+        let (_, key) = self
             .config
-            .providers
-            .iter()
-            .flat_map(|p| &p.keys)
-            .find(|k| k.label == label)
-            .map(|k| k.secret_source.clone())
-            .ok_or_else(|| format!("no key is labelled {label:?}"))?;
-        let secret = crate::config::load_secret(&source)
-            .map_err(|e| format!("the key of {label} cannot be read: {e}"))?;
+            .key(label)
+            .ok_or_else(|| ResetError::UnknownKey(label.to_owned()))?;
+        let secret = crate::config::load_secret(&key.secret_source).map_err(|source| {
+            ResetError::Secret {
+                label: label.to_owned(),
+                source,
+            }
+        })?;
         lock(&self.keys).insert(label.to_owned(), secret);
         lock(&self.rotator).reset(label);
         log::info!(event = "key_reset", key = label; "key {label} reset by the operator");
-        self.persist(false).await.map_err(|e| e.to_string())?;
+        self.persist(false).await?;
         self.changed();
         Ok(())
     }

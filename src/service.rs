@@ -111,11 +111,6 @@ impl Signals {
     }
 }
 
-/// Waits for SIGTERM or SIGINT.
-pub async fn shutdown_signal() -> io::Result<Signal> {
-    Ok(Signals::new()?.recv().await)
-}
-
 /// Catches SIGTERM and SIGINT from now on. The first cancels `cancel`, starting the clean
 /// stop; the next one exits the process at once, with 128 + the signal's number, for an
 /// operator who does not want to wait for the drain. When the stop began otherwise (a failed
@@ -298,7 +293,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn shutdown_signal_names_the_signal() {
+    async fn a_signal_is_received_under_its_name() {
         // Raising a signal in the test process is safe once tokio's handler is registered
         // (it stays for the life of the process); the exit on a second one is tested in a child.
         let mut signals = Signals::new().unwrap();

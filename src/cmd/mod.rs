@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use crate::cli::Command;
 use crate::config::{self, Config};
+use crate::rotator::Rotator;
+use crate::store::Store;
 
 pub mod check_config;
 pub mod reset;
@@ -88,28 +90,22 @@ pub fn load_config(path: &Path) -> Result<Config, CmdError> {
     Ok(config::load(path)?)
 }
 
-/// The local socket of a running daemon: in `$RUNTIME_DIRECTORY` under systemd,
-/// else beside the state file. Clients try every place it may be.
-pub fn control_socket_candidates(config: &Config) -> Vec<PathBuf> {
-    let mut paths = Vec::new();
-    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
-        paths.push(PathBuf::from(dir).join(crate::control::SOCKET_NAME));
-    }
-    paths
-        .push(PathBuf::from(crate::control::SYSTEMD_RUNTIME_DIR).join(crate::control::SOCKET_NAME));
-    paths.push(config.state_dir.join(crate::control::SOCKET_NAME));
-    paths
-}
-
-/// Where the daemon listens.
-pub fn control_socket_path(config: &Config) -> PathBuf {
-    match std::env::var_os("RUNTIME_DIRECTORY") {
-        Some(dir) => PathBuf::from(dir).join(crate::control::SOCKET_NAME),
-        None => config.state_dir.join(crate::control::SOCKET_NAME),
-    }
-}
-
 /// The redb file.
 pub fn state_file(config: &Config) -> PathBuf {
     config.state_dir.join(crate::store::FILE_NAME)
+}
+
+/// Opens the state file and rebuilds the rotator from it, for the subcommands that work
+/// on it while no daemon runs.
+pub async fn open_state(config: &Config) -> Result<(Store, Rotator), CmdError> {
+    let path = state_file(config);
+    let (store, loaded) = tokio::task::spawn_blocking(move || Store::open(&path))
+        .await
+        .map_err(|e| CmdError::Runtime(e.to_string()))?
+        .map_err(|e| CmdError::Runtime(e.to_string()))?;
+    let mut rotator = Rotator::new(config);
+    rotator
+        .restore(loaded.rows)
+        .map_err(|e| CmdError::Runtime(e.to_string()))?;
+    Ok((store, rotator))
 }

@@ -5,17 +5,12 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use super::CmdError;
-use crate::control::Request;
+use crate::control::{self, Request};
 use crate::store::Batch;
 
 pub async fn run(path: &Path, label: &str) -> Result<ExitCode, CmdError> {
     let config = super::load_config(path)?;
-    if !config
-        .providers
-        .iter()
-        .flat_map(|p| &p.keys)
-        .any(|k| k.label == label)
-    {
+    if config.key(label).is_none() {
         return Err(CmdError::Config(format!(
             "no key is labelled {label:?} in {}",
             path.display()
@@ -24,7 +19,7 @@ pub async fn run(path: &Path, label: &str) -> Result<ExitCode, CmdError> {
     let req = Request::Reset {
         label: label.to_owned(),
     };
-    if let Some(response) = super::status::ask_daemon(&config, &req).await {
+    if let Some(response) = control::ask(&config, &req).await {
         return if response.ok {
             println!("{label}: reset in the running daemon");
             Ok(ExitCode::SUCCESS)
@@ -36,7 +31,7 @@ pub async fn run(path: &Path, label: &str) -> Result<ExitCode, CmdError> {
             ))
         };
     }
-    let (store, mut rotator) = super::status::offline::open(&config).await?;
+    let (store, mut rotator) = super::open_state(&config).await?;
     rotator.reset(label);
     let batch = Batch {
         rows: rotator.snapshot_dirty(),

@@ -19,8 +19,9 @@ use crate::health::{self, Lights};
 use crate::leds;
 use crate::mqtt::{self, Driver, LinkState};
 use crate::relay::Relay;
-use crate::rotator::Rotator;
+use crate::rotator::{KeyState, Rotator};
 use crate::service;
+use crate::state::{self, Row};
 use crate::store::{Loaded, Store};
 
 /// The health topic is republished at least this often (SPEC §3: every 60 s).
@@ -135,7 +136,10 @@ async fn serve(
                 .get(row)
                 .is_some_and(|before| before != identity)
         })
-        .map(|(row, _)| row.trim_start_matches(KEY_FILE_ROW).to_owned())
+        .filter_map(|(row, _)| match Row::parse(row) {
+            Row::KeyFile(label) => Some(label.to_owned()),
+            _ => None,
+        })
         .collect();
     rotator.restore(loaded.rows).map_err(|e| {
         CmdError::Runtime(format!(
@@ -170,7 +174,7 @@ async fn serve(
     };
     let connection = Arc::new(AtomicU64::new(0));
     let link = driver.link(connection.clone());
-    let socket_path = super::control_socket_path(&config);
+    let socket_path = crate::control::socket_path(&config);
     let listener =
         crate::control::bind(&socket_path).map_err(|e| CmdError::Runtime(e.to_string()))?;
 
@@ -334,24 +338,18 @@ async fn watch_health(
     }
 }
 
-/// Store rows remembering each key file's identity, so that a disabled key comes back
-/// when an operator replaces its file and restarts (SPEC §4).
-const KEY_FILE_ROW: &str = "keyfile/";
-
-/// `keyfile/{label}` → size, modification time and inode of the key file: enough to see
-/// it was replaced, and nothing derived from the secret itself. Keys from the
+/// `keyfile/{label}` rows remembering each key file's identity, so that a disabled key
+/// comes back when an operator replaces its file and restarts (SPEC §4). Keys from the
 /// environment have no row; `keyrelay reset` brings those back.
 fn key_file_rows(config: &Config) -> Vec<(String, Vec<u8>)> {
-    use std::os::unix::fs::MetadataExt;
     config
         .providers
         .iter()
         .flat_map(|p| &p.keys)
         .filter_map(|k| match &k.secret_source {
-            crate::config::SecretSource::File(path) => std::fs::metadata(path).ok().map(|m| {
-                let identity = format!("{}:{}.{}:{}", m.len(), m.mtime(), m.mtime_nsec(), m.ino());
-                (format!("{KEY_FILE_ROW}{}", k.label), identity.into_bytes())
-            }),
+            crate::config::SecretSource::File(path) => std::fs::metadata(path)
+                .ok()
+                .map(|m| (Row::KeyFile(&k.label).name(), state::key_file_identity(&m))),
             crate::config::SecretSource::Env(_) => None,
         })
         .collect()
@@ -362,7 +360,7 @@ fn status_line(health: &health::Health, broker_up: bool) -> String {
     let ready = health
         .keys
         .iter()
-        .filter(|k| k.state == health::KeyState::Ready)
+        .filter(|k| k.state == KeyState::Ready)
         .count();
     format!(
         "{}/{} keys ready, {} queued, broker {}",

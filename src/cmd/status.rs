@@ -12,7 +12,7 @@ use crate::control::{self, Request};
 
 pub async fn run(path: &Path, json: bool) -> Result<ExitCode, CmdError> {
     let config = super::load_config(path)?;
-    let health = match ask_daemon(&config, &Request::Status).await {
+    let health = match control::ask(&config, &Request::Status).await {
         Some(response) => response.health.ok_or_else(|| {
             CmdError::Runtime(
                 response
@@ -28,24 +28,6 @@ pub async fn run(path: &Path, json: bool) -> Result<ExitCode, CmdError> {
         print!("{}", table(&health));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The daemon's answer, or `None` when no daemon listens.
-pub async fn ask_daemon(
-    config: &crate::config::Config,
-    req: &Request,
-) -> Option<control::Response> {
-    for path in super::control_socket_candidates(config) {
-        match control::request(&path, req).await {
-            Ok(response) => return Some(response),
-            Err(control::ControlError::Connect { .. }) => continue,
-            Err(e) => {
-                log::warn!("{e}");
-                continue;
-            }
-        }
-    }
-    None
 }
 
 /// A human-readable table of the health object.
@@ -110,30 +92,15 @@ pub mod offline {
     use super::CmdError;
     use crate::config::Config;
     use crate::health::Counters;
-    use crate::rotator::Rotator;
-    use crate::store::Store;
-
-    /// Opens the state file and rebuilds the rotator from it.
-    pub async fn open(config: &Config) -> Result<(Store, Rotator), CmdError> {
-        let path = super::super::state_file(config);
-        let (store, loaded) = tokio::task::spawn_blocking(move || Store::open(&path))
-            .await
-            .map_err(|e| CmdError::Runtime(e.to_string()))?
-            .map_err(|e| CmdError::Runtime(e.to_string()))?;
-        let mut rotator = Rotator::new(config);
-        rotator
-            .restore(loaded.rows)
-            .map_err(|e| CmdError::Runtime(e.to_string()))?;
-        Ok((store, rotator))
-    }
 
     pub async fn health(config: &Config) -> Result<serde_json::Value, CmdError> {
-        let (_store, rotator) = open(config).await?;
+        let (_store, rotator) = super::super::open_state(config).await?;
         let clock = crate::clock::SystemClock {
             trust_unsynchronised: config.trust_unsynchronised_clock,
         };
         let synced = crate::clock::Clock::synchronised(&clock);
-        let h = rotator.health(
+        let h = crate::health::of_rotator(
+            &rotator,
             &config.routing.auto,
             jiff::Timestamp::now(),
             synced,

@@ -279,10 +279,6 @@ impl ProviderClient {
         })
     }
 
-    pub fn kind(&self) -> ProviderKind {
-        self.kind
-    }
-
     /// Sends one chat request with `key` and classifies the answer. Never fails
     /// otherwise: every problem, network ones included, is a [`Failure`].
     pub async fn chat(&self, key: &Secret, req: &ChatRequest) -> CallOutcome {
