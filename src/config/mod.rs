@@ -40,6 +40,11 @@ const DEFAULT_TOPIC_PREFIX: &str = "keyrelay";
 const DEFAULT_SHARE_GROUP: &str = "keyrelay";
 const DEFAULT_MAX_PAYLOAD_BYTES: usize = 262_144;
 const DEFAULT_MAX_QUEUE: usize = 1000;
+/// 16 MiB: a full queue of the default 1000 tasks at up to 16 KiB of prompt each.
+const DEFAULT_MAX_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Requests in flight to one provider at once unless its table says otherwise.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 16;
+const DEFAULT_HOMEASSISTANT_PREFIX: &str = "homeassistant";
 /// Used when neither `state_dir` nor systemd's `$STATE_DIRECTORY` says otherwise.
 const DEFAULT_STATE_DIR: &str = "./state";
 const HOSTNAME_FILES: [&str; 2] = ["/proc/sys/kernel/hostname", "/etc/hostname"];
@@ -74,6 +79,12 @@ pub struct MqttConfig {
     pub max_payload_bytes: usize,
     /// `None`: any topic outside `{prefix}/` and `$`-topics.
     pub allowed_reply_prefixes: Option<Vec<String>>,
+    /// Whether to publish Home Assistant's MQTT discovery configs (SPEC §8), so that
+    /// the node and each key show up there with no setup.
+    pub homeassistant: bool,
+    /// The topic prefix Home Assistant reads discovery configs under
+    /// (default `homeassistant`, as Home Assistant's own default).
+    pub homeassistant_prefix: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +119,8 @@ pub struct ProviderConfig {
     pub base_url: String,
     pub daily_reset: DailyReset,
     pub timeout: Duration,
+    /// Requests in flight to this provider at once (at least 1); more tasks wait their turn.
+    pub max_concurrency: usize,
     pub models: BTreeMap<String, ModelLimits>,
     pub keys: Vec<KeyConfig>,
 }
@@ -192,6 +205,39 @@ pub struct RoutingConfig {
     /// What model `"auto"` means, tried in order.
     pub auto: Vec<Target>,
     pub max_queue: usize,
+    /// The bytes the waiting tasks may hold together (at least 1), counted as `max_queue` is.
+    pub max_queue_bytes: usize,
+    /// The order the targets of a task are tried in.
+    pub order: RouteOrder,
+}
+
+/// The order a task's targets are tried in (`[routing] order`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteOrder {
+    /// The order the route lists them.
+    #[default]
+    Listed,
+    /// While a target whose daily budget is lost at a calendar reset (an IANA
+    /// `daily_reset`) has budget left today, it is tried before targets with a rolling day.
+    ExpiringFirst,
+}
+
+impl RouteOrder {
+    const ALL: [Self; 2] = [Self::Listed, Self::ExpiringFirst];
+
+    /// The name the config file uses for this order.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Listed => "listed",
+            Self::ExpiringFirst => "expiring_first",
+        }
+    }
+}
+
+impl fmt::Display for RouteOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A provider and one of its models.
@@ -360,11 +406,15 @@ impl Config {
                 client_key_file: None,
                 max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
                 allowed_reply_prefixes: None,
+                homeassistant: false,
+                homeassistant_prefix: DEFAULT_HOMEASSISTANT_PREFIX.to_owned(),
             },
             providers,
             routing: RoutingConfig {
                 auto,
                 max_queue: DEFAULT_MAX_QUEUE,
+                max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
+                order: RouteOrder::Listed,
             },
             leds: LedConfig {
                 backend: LedBackendKind::None,
@@ -545,6 +595,10 @@ mod tests {
             ]
         );
         assert_eq!(config.routing.max_queue, 1000);
+        assert_eq!(config.routing.max_queue_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.routing.order, RouteOrder::Listed);
+        assert!(!config.mqtt.homeassistant);
+        assert_eq!(config.providers[0].max_concurrency, 16);
         assert_eq!(config.leds.backend, LedBackendKind::Auto);
         assert_eq!(config.leds.green, Some(LedPin::Line(17)));
         assert_eq!(config.leds.amber, Some(LedPin::Line(27)));
@@ -586,6 +640,10 @@ mod tests {
         assert!(config.providers.is_empty());
         assert!(config.routing.auto.is_empty());
         assert_eq!(config.routing.max_queue, 1000);
+        assert_eq!(config.routing.max_queue_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.routing.order, RouteOrder::Listed);
+        assert!(!m.homeassistant);
+        assert_eq!(m.homeassistant_prefix, "homeassistant");
         assert_eq!(config.leds.backend, LedBackendKind::Auto);
         assert_eq!(config.leds.pins().count(), 0);
         assert_eq!(config.leds.path, None);

@@ -36,6 +36,8 @@ pub(super) struct RawMqtt {
     pub(super) client_key_file: Option<Spanned<String>>,
     pub(super) max_payload_bytes: Option<Spanned<usize>>,
     pub(super) allowed_reply_prefixes: Option<Vec<Spanned<String>>>,
+    pub(super) homeassistant: Option<bool>,
+    pub(super) homeassistant_prefix: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -46,6 +48,7 @@ pub(super) struct RawProvider {
     pub(super) base_url: Option<Spanned<String>>,
     pub(super) daily_reset: Option<Spanned<String>>,
     pub(super) timeout_secs: Option<Spanned<u64>>,
+    pub(super) max_concurrency: Option<Spanned<usize>>,
     pub(super) models: BTreeMap<Spanned<String>, RawLimits>,
     pub(super) keys: Vec<Spanned<RawKey>>,
 }
@@ -73,6 +76,8 @@ pub(super) struct RawKey {
 pub(super) struct RawRouting {
     pub(super) auto: Option<Vec<Spanned<String>>>,
     pub(super) max_queue: Option<usize>,
+    pub(super) max_queue_bytes: Option<Spanned<usize>>,
+    pub(super) order: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

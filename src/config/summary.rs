@@ -2,7 +2,7 @@
 
 use std::fmt::{self, Write as _};
 
-use super::{Config, Target};
+use super::{Config, RouteOrder, Target};
 
 impl Config {
     /// What `keyrelay check-config` prints: everything an operator checks, never a secret.
@@ -59,6 +59,15 @@ impl Config {
                 m.topic_prefix
             )?,
         }
+        if m.homeassistant {
+            writeln!(
+                out,
+                "home assistant: discovery under {}/",
+                m.homeassistant_prefix
+            )?;
+        } else {
+            writeln!(out, "home assistant: off")?;
+        }
         if self.providers.is_empty() {
             writeln!(out, "providers: none")?;
         } else {
@@ -67,12 +76,13 @@ impl Config {
         for p in &self.providers {
             writeln!(
                 out,
-                "  {} ({}, {}, daily reset {}, timeout {} s)",
+                "  {} ({}, {}, daily reset {}, timeout {} s, up to {} in flight)",
                 p.name,
                 p.kind,
                 p.base_url,
                 p.daily_reset,
-                p.timeout.as_secs()
+                p.timeout.as_secs(),
+                p.max_concurrency
             )?;
             for (model, limits) in &p.models {
                 writeln!(out, "    model {model}: {limits}")?;
@@ -91,7 +101,18 @@ impl Config {
         } else {
             writeln!(out, "auto route: {}", auto.join(", "))?;
         }
-        writeln!(out, "queue: up to {} tasks", self.routing.max_queue)?;
+        let order = match self.routing.order {
+            RouteOrder::Listed => "as listed",
+            RouteOrder::ExpiringFirst => {
+                "expiring_first (targets with a calendar daily reset first while they have budget)"
+            }
+        };
+        writeln!(out, "route order: {order}")?;
+        writeln!(
+            out,
+            "queue: up to {} tasks and {} bytes",
+            self.routing.max_queue, self.routing.max_queue_bytes
+        )?;
         let l = &self.leds;
         write!(out, "leds: {}", l.backend)?;
         let pins: Vec<String> = l
@@ -129,14 +150,34 @@ mod tests {
         for needle in [
             "node id: pi-test",
             "broker: broker.lan:8883 (tls, user relay)",
-            "groq (openai, https://api.groq.com/openai/v1, daily reset rolling, timeout 60 s)",
+            "groq (openai, https://api.groq.com/openai/v1, daily reset rolling, timeout 60 s, up to 16 in flight)",
             "model m: rpm 30",
             &format!("key k1 (file {}, account acct-a)", f.key.display()),
             "gemini (gemini, https://generativelanguage.googleapis.com/v1beta",
             "model gemini-2.0-flash: rpm 15",
             "key g1 (env GEMINI_KEY)",
             "auto route: groq/m, gemini/gemini-2.0-flash",
+            "route order: as listed",
+            "queue: up to 1000 tasks and 16777216 bytes",
+            "home assistant: off",
             "leds: file (green 1), file /run/l.json",
+        ] {
+            assert!(summary.contains(needle), "{needle:?} not in\n{summary}");
+        }
+    }
+
+    #[test]
+    fn the_summary_shows_home_assistant_concurrency_and_the_route_order() {
+        let f = fixture();
+        let top = "[mqtt]\nhomeassistant = true\nhomeassistant_prefix = \"ha\"";
+        let rest = "[routing]\norder = \"expiring_first\"\nmax_queue = 50\nmax_queue_bytes = 4096";
+        let text = valid(&f.key, top, rest).replace("base_url", "max_concurrency = 3\nbase_url");
+        let summary = accept(&text, &f.env).summary();
+        for needle in [
+            "home assistant: discovery under ha/",
+            "timeout 60 s, up to 3 in flight)",
+            "route order: expiring_first",
+            "queue: up to 50 tasks and 4096 bytes",
         ] {
             assert!(summary.contains(needle), "{needle:?} not in\n{summary}");
         }

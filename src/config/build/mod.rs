@@ -152,6 +152,16 @@ pub(super) fn topic_prefix_problem(text: &str) -> Option<&'static str> {
     }
 }
 
+/// Why `text` cannot be the root under which a whole set of topics lives (keyrelay's
+/// own topic prefix, Home Assistant's discovery prefix): a topic prefix whose levels
+/// are all there.
+pub(super) fn topic_root_problem(text: &str) -> Option<&'static str> {
+    topic_prefix_problem(text).or_else(|| {
+        (text.starts_with('/') || text.ends_with('/') || text.contains("//"))
+            .then_some("must not start or end with / or hold an empty level")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;

@@ -9,10 +9,10 @@ use super::super::check::Checker;
 use super::super::raw::RawMqtt;
 use super::super::secrets::read_secret;
 use super::super::{
-    DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_SHARE_GROUP, DEFAULT_TOPIC_PREFIX, Environment, MqttConfig,
-    SecretSource,
+    DEFAULT_HOMEASSISTANT_PREFIX, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_SHARE_GROUP,
+    DEFAULT_TOPIC_PREFIX, Environment, MqttConfig, SecretSource,
 };
-use super::{topic_level_problem, topic_prefix_problem};
+use super::{topic_level_problem, topic_prefix_problem, topic_root_problem};
 
 const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
 const MQTT_PORT: u16 = 1883;
@@ -65,12 +65,7 @@ pub(super) fn build_mqtt(
 
     let topic_prefix = match raw.topic_prefix {
         Some(prefix) => {
-            let text = prefix.get_ref();
-            let why = topic_prefix_problem(text).or_else(|| {
-                (text.starts_with('/') || text.ends_with('/') || text.contains("//"))
-                    .then_some("must not start or end with / or hold an empty level")
-            });
-            if let Some(why) = why {
+            if let Some(why) = topic_root_problem(prefix.get_ref()) {
                 c.at(&prefix, "mqtt.topic_prefix", why);
             }
             prefix.into_inner()
@@ -173,6 +168,16 @@ pub(super) fn build_mqtt(
             .collect()
     });
 
+    let homeassistant_prefix = match raw.homeassistant_prefix {
+        Some(prefix) => {
+            if let Some(why) = topic_root_problem(prefix.get_ref()) {
+                c.at(&prefix, "mqtt.homeassistant_prefix", why);
+            }
+            prefix.into_inner()
+        }
+        None => DEFAULT_HOMEASSISTANT_PREFIX.to_owned(),
+    };
+
     MqttConfig {
         host,
         port,
@@ -186,6 +191,8 @@ pub(super) fn build_mqtt(
         client_key_file,
         max_payload_bytes,
         allowed_reply_prefixes,
+        homeassistant: raw.homeassistant.unwrap_or(false),
+        homeassistant_prefix,
     }
 }
 
@@ -310,5 +317,42 @@ mod tests {
         assert_eq!(config.mqtt.ca_file, Some(pem.clone()));
         assert_eq!(config.mqtt.client_cert_file, Some(pem));
         assert_eq!(config.mqtt.client_key_file, Some(key));
+    }
+
+    #[test]
+    fn home_assistant_discovery_is_off_by_default_and_its_prefix_is_a_topic_root() {
+        let env = FakeEnv::new();
+        let config = accept("", &env);
+        assert!(!config.mqtt.homeassistant);
+        assert_eq!(config.mqtt.homeassistant_prefix, "homeassistant");
+
+        let config = accept(
+            "[mqtt]\nhomeassistant = true\nhomeassistant_prefix = \"ha/discovery\"",
+            &env,
+        );
+        assert!(config.mqtt.homeassistant);
+        assert_eq!(config.mqtt.homeassistant_prefix, "ha/discovery");
+
+        for bad in ["", "ha/+", "ha/#", "$SYS", "/ha", "ha/", "ha//x"] {
+            let p = refused(
+                &format!("[mqtt]\nhomeassistant = true\nhomeassistant_prefix = \"{bad}\""),
+                &env,
+                "mqtt.homeassistant_prefix",
+                "must not",
+            );
+            assert_eq!(p.line, Some(3), "{bad:?}");
+        }
+        refused(
+            "[mqtt]\nhomeassistant = \"yes\"",
+            &env,
+            "mqtt.homeassistant",
+            "invalid type",
+        );
+        refused(
+            "[mqtt]\nhome_assistant = true",
+            &env,
+            "mqtt.home_assistant",
+            "unknown field",
+        );
     }
 }

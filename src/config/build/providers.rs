@@ -12,7 +12,8 @@ use super::super::check::{Checker, join_path};
 use super::super::raw::{RawKey, RawLimits, RawProvider};
 use super::super::secrets::read_secret;
 use super::super::{
-    DailyReset, Environment, KeyConfig, ModelLimits, ProviderConfig, ProviderKind, SecretSource,
+    DEFAULT_MAX_CONCURRENCY, DailyReset, Environment, KeyConfig, ModelLimits, ProviderConfig,
+    ProviderKind, SecretSource,
 };
 use super::topic_level_problem;
 use crate::secret::Secret;
@@ -147,6 +148,20 @@ pub(super) fn build_providers(
             None => Duration::from_secs(DEFAULT_TIMEOUT_SECS),
         };
 
+        let max_concurrency = match p.max_concurrency {
+            Some(max) => {
+                if *max.get_ref() == 0 {
+                    c.at(
+                        &max,
+                        &format!("{path}.max_concurrency"),
+                        "0 would never send a request; at least 1",
+                    );
+                }
+                max.into_inner()
+            }
+            None => DEFAULT_MAX_CONCURRENCY,
+        };
+
         let models_field = format!("{path}.models");
         if p.models.is_empty() {
             c.missing(
@@ -190,6 +205,7 @@ pub(super) fn build_providers(
                 base_url,
                 daily_reset,
                 timeout,
+                max_concurrency,
                 models,
                 keys,
             },
@@ -524,6 +540,37 @@ mod tests {
         assert_eq!(
             accept(&with("rolling"), &f.env).providers[0].daily_reset,
             DailyReset::Rolling
+        );
+    }
+
+    #[test]
+    fn max_concurrency_defaults_to_16_and_is_at_least_1() {
+        let f = fixture();
+        let text = valid(&f.key, "", &provider("gemini", "g1", "GEMINI_KEY"));
+        let config = accept(&text, &f.env);
+        assert_eq!(config.providers[0].max_concurrency, 16);
+        assert_eq!(config.providers[1].max_concurrency, 16);
+
+        let with = |n: &str| {
+            valid(&f.key, "", &provider("gemini", "g1", "GEMINI_KEY"))
+                .replace("base_url", &format!("max_concurrency = {n}\nbase_url"))
+        };
+        let config = accept(&with("1"), &f.env);
+        assert_eq!(config.providers[0].max_concurrency, 1);
+        assert_eq!(config.providers[1].max_concurrency, 16);
+
+        let p = refused(
+            &with("0"),
+            &f.env,
+            "providers[0].max_concurrency",
+            "0 would never send",
+        );
+        assert_eq!(p.line, Some(5));
+        refused(
+            &with("-1"),
+            &f.env,
+            "providers[0].max_concurrency",
+            "invalid value",
         );
     }
 }

@@ -2,7 +2,7 @@
 
 use super::super::check::Checker;
 use super::super::raw::RawRouting;
-use super::super::{DEFAULT_MAX_QUEUE, RoutingConfig, Target};
+use super::super::{DEFAULT_MAX_QUEUE, DEFAULT_MAX_QUEUE_BYTES, RouteOrder, RoutingConfig, Target};
 use super::providers::BuiltProvider;
 
 pub(super) fn build_routing(
@@ -56,9 +56,41 @@ pub(super) fn build_routing(
             })
             .collect(),
     };
+    let max_queue_bytes = match raw.max_queue_bytes {
+        Some(max) => {
+            if *max.get_ref() == 0 {
+                c.at(
+                    &max,
+                    "routing.max_queue_bytes",
+                    "0 would leave no room for any waiting task; at least 1",
+                );
+            }
+            max.into_inner()
+        }
+        None => DEFAULT_MAX_QUEUE_BYTES,
+    };
+    let order = match raw.order {
+        Some(order) => RouteOrder::ALL
+            .into_iter()
+            .find(|o| o.as_str() == order.get_ref())
+            .unwrap_or_else(|| {
+                c.at(
+                    &order,
+                    "routing.order",
+                    format!(
+                        "unknown order {:?}: \"listed\" (the order of the route) or \"expiring_first\" (budgets lost at a calendar reset first)",
+                        order.get_ref()
+                    ),
+                );
+                RouteOrder::Listed
+            }),
+        None => RouteOrder::Listed,
+    };
     RoutingConfig {
         auto,
         max_queue: raw.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+        max_queue_bytes,
+        order,
     }
 }
 
@@ -115,5 +147,51 @@ mod tests {
         let auto: Vec<String> = config.routing.auto.iter().map(Target::to_string).collect();
         assert_eq!(auto, ["groq/zeta", "groq/alpha", "gemini/gemini-2.0-flash"]);
         assert_eq!(config.providers[0].models["zeta"], ModelLimits::default());
+    }
+
+    #[test]
+    fn the_queue_bytes_and_the_route_order_are_checked() {
+        let f = fixture();
+        let routing = |lines: &str| valid(&f.key, "", &format!("[routing]\n{lines}"));
+        let config = accept(&routing(""), &f.env);
+        assert_eq!(config.routing.max_queue_bytes, 16_777_216);
+        assert_eq!(config.routing.order, RouteOrder::Listed);
+
+        let config = accept(
+            &routing("max_queue_bytes = 65536\norder = \"expiring_first\""),
+            &f.env,
+        );
+        assert_eq!(config.routing.max_queue_bytes, 65_536);
+        assert_eq!(config.routing.order, RouteOrder::ExpiringFirst);
+        let config = accept(&routing("order = \"listed\""), &f.env);
+        assert_eq!(config.routing.order, RouteOrder::Listed);
+
+        let p = refused(
+            &routing("max_queue_bytes = 0"),
+            &f.env,
+            "routing.max_queue_bytes",
+            "0 would",
+        );
+        assert_eq!(p.line, Some(12));
+        for bad in ["expiring", "Listed", ""] {
+            let p = refused(
+                &routing(&format!("order = \"{bad}\"")),
+                &f.env,
+                "routing.order",
+                "\"listed\"",
+            );
+            assert!(
+                p.message.contains(&format!("unknown order {bad:?}")),
+                "{}",
+                p.message
+            );
+            assert!(p.message.contains("\"expiring_first\""), "{}", p.message);
+        }
+        refused(
+            &routing("order = 1"),
+            &f.env,
+            "routing.order",
+            "invalid type",
+        );
     }
 }
