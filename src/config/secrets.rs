@@ -47,6 +47,36 @@ pub enum SecretError {
     ControlCharacters,
 }
 
+/// Where a secret was looked for, as a problem shows it: `file PATH` or `env NAME`, the
+/// same words `check-config` prints for a key. `written` is the text of the config field,
+/// which is only echoed when it cannot be a pasted secret: a path holding a `/` (the
+/// providers' API keys never do), or a variable name in the usual `UPPER_SNAKE` form
+/// (their keys mix cases). Otherwise only the folder a bare file name was looked for in.
+pub(super) fn secret_origin(source: &SecretSource, written: &str) -> String {
+    match source {
+        SecretSource::File(_) if written.contains('/') => source.to_string(),
+        SecretSource::File(path) => match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => format!(
+                "a file in {}/, its name not shown as it may be a pasted key",
+                dir.display()
+            ),
+            _ => "a file in the current folder, its name not shown as it may be a pasted key"
+                .to_owned(),
+        },
+        SecretSource::Env(name) if looks_like_a_variable(name) => source.to_string(),
+        SecretSource::Env(_) => {
+            "a variable whose name is not shown as it may be a pasted key".to_owned()
+        }
+    }
+}
+
+fn looks_like_a_variable(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_uppercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+}
+
 pub(super) fn read_secret(
     source: &SecretSource,
     env: &dyn Environment,
@@ -203,5 +233,79 @@ mod tests {
         ));
         let unset = SecretSource::Env("KEYRELAY_TEST_NEVER_SET_4F1A".into());
         assert!(matches!(load_secret(&unset), Err(SecretError::EnvUnset)));
+    }
+
+    #[test]
+    fn a_key_problem_names_the_key_and_its_file_or_variable() {
+        let f = fixture();
+        let dir = f.dir.path();
+        let missing = dir.join("groq-2");
+        let text = valid(
+            &f.key,
+            "",
+            &format!(
+                "[[providers.keys]]\nlabel = \"groq-2\"\nsecret_file = \"{}\"\n{}",
+                missing.display(),
+                provider("gemini", "gemini-1", "GEMINI_API_KEY")
+            ),
+        );
+        let problems = problems(&text, &f.env);
+        let shown: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                format!(
+                    "providers[0].keys[1].secret_file: key \"groq-2\" (file {}): \
+                     cannot open the file: No such file or directory (os error 2)",
+                    missing.display()
+                ),
+                "providers[1].keys[0].secret_env: key \"gemini-1\" (env GEMINI_API_KEY): \
+                 the environment variable is not set"
+                    .to_owned(),
+            ]
+        );
+
+        let open = write_key(dir, "open", "gsk_open\n", 0o644);
+        let p = refused(
+            &valid(&open, "", ""),
+            &f.env,
+            "providers[0].keys[0].secret_file",
+            "readable by group or others",
+        );
+        assert!(
+            p.message
+                .starts_with(&format!("key \"k1\" (file {}): ", open.display())),
+            "{}",
+            p.message
+        );
+
+        // A bare file name or a variable name not in UPPER_SNAKE form may be a key pasted
+        // in the wrong place: the problem names the key and the folder, never the text.
+        let config_path = dir.join("keyrelay.toml");
+        let bare = valid(Path::new("gsk_pasted_by_mistake"), "", "");
+        let Err(ConfigError::Invalid { problems, .. }) = parse_in(&bare, &config_path, &f.env)
+        else {
+            panic!("accepted a missing key file");
+        };
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(
+            problems[0].message,
+            format!(
+                "key \"k1\" (a file in {}/, its name not shown as it may be a pasted key): \
+                 cannot open the file: No such file or directory (os error 2)",
+                dir.display()
+            )
+        );
+        let lower = valid(&f.key, "", &provider("gemini", "g1", "AIza_pasted"));
+        let p = refused(&lower, &f.env, "providers[1].keys[0].secret_env", "not set");
+        assert!(!p.message.contains("AIza"), "{}", p.message);
+        assert!(
+            p.message.starts_with("key \"g1\" (a variable"),
+            "{}",
+            p.message
+        );
     }
 }

@@ -7,7 +7,7 @@ use toml::Spanned;
 
 use super::super::check::Checker;
 use super::super::raw::RawMqtt;
-use super::super::secrets::read_secret;
+use super::super::secrets::{read_secret, secret_origin};
 use super::super::{
     DEFAULT_HOMEASSISTANT_PREFIX, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_SHARE_GROUP,
     DEFAULT_TOPIC_PREFIX, Environment, MqttConfig, SecretSource,
@@ -100,7 +100,10 @@ pub(super) fn build_mqtt(
         }
         let source = SecretSource::File(base.join(file.get_ref()));
         read_secret(&source, env)
-            .map_err(|e| c.at(&file, "mqtt.password_file", e.to_string()))
+            .map_err(|e| {
+                let origin = secret_origin(&source, file.get_ref());
+                c.at(&file, "mqtt.password_file", format!("{origin}: {e}"));
+            })
             .ok()
     });
 
@@ -254,11 +257,13 @@ mod tests {
             "mqtt.password_file",
             "readable by group or others",
         );
-        refused(
-            &with(&dir.join("none")),
-            &f.env,
-            "mqtt.password_file",
-            "cannot open",
+        let none = dir.join("none");
+        let p = refused(&with(&none), &f.env, "mqtt.password_file", "cannot open");
+        assert!(
+            p.message
+                .starts_with(&format!("file {}: cannot open", none.display())),
+            "{}",
+            p.message
         );
         let empty = write_key(dir, "pw-empty", "\n", 0o600);
         refused(&with(&empty), &f.env, "mqtt.password_file", "empty");

@@ -10,7 +10,7 @@ use toml::Spanned;
 
 use super::super::check::{Checker, join_path};
 use super::super::raw::{RawKey, RawLimits, RawProvider};
-use super::super::secrets::read_secret;
+use super::super::secrets::{read_secret, secret_origin};
 use super::super::{
     DEFAULT_MAX_CONCURRENCY, DailyReset, Environment, KeyConfig, ModelLimits, ProviderConfig,
     ProviderKind, SecretSource,
@@ -349,7 +349,14 @@ pub(super) fn build_key(
     let secret = match read_secret(&source, env) {
         Ok(secret) => secret,
         Err(e) => {
-            c.at(&spanned, &format!("{path}.{field}"), e.to_string());
+            // The operator fixing a key needs its label and the file or variable, never
+            // just the field's place in the file.
+            let origin = secret_origin(&source, spanned.get_ref());
+            let message = match &label {
+                Some(label) => format!("key {label:?} ({origin}): {e}"),
+                None => format!("key ({origin}): {e}"),
+            };
+            c.at(&spanned, &format!("{path}.{field}"), message);
             return None;
         }
     };
