@@ -50,8 +50,8 @@ pub(super) fn render_problems(path: &Path, problems: &[Problem]) -> String {
 
 /// Collects problems while the config is checked.
 pub(super) struct Checker<'t> {
-    pub(super) text: &'t str,
-    pub(super) problems: Vec<Problem>,
+    text: &'t str,
+    problems: Vec<Problem>,
     /// Fields the type pass already reported and took out, so that the rules
     /// after it do not call them missing as well.
     pub(super) reported: HashSet<String>,

@@ -10,9 +10,9 @@ use super::{Environment, SecretSource};
 use crate::secret::Secret;
 
 /// API keys and passwords are short; a bigger file is the wrong file, and is not read whole.
-pub(super) const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
 /// The bits that make a file readable, writable or runnable by anyone but its owner.
-pub(super) const GROUP_OR_OTHER_BITS: u32 = 0o077;
+const GROUP_OR_OTHER_BITS: u32 = 0o077;
 
 /// Why a secret could not be loaded. The messages name neither the secret nor where it
 /// came from (a secret pasted where its file name belongs must not be echoed); the caller
@@ -102,7 +102,7 @@ pub(super) fn read_secret(
     Ok(secret)
 }
 
-pub(super) fn read_secret_file(path: &Path) -> Result<String, SecretError> {
+fn read_secret_file(path: &Path) -> Result<String, SecretError> {
     let file = File::open(path).map_err(SecretError::Open)?;
     // The checks look at the file opened, not at the path again, so that it cannot
     // be swapped between the check and the read.

@@ -18,7 +18,7 @@ const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
 const MQTT_PORT: u16 = 1883;
 const MQTTS_PORT: u16 = 8883;
 
-pub(super) fn parse_mqtt_url(text: &str) -> Result<(String, u16, bool), String> {
+fn parse_mqtt_url(text: &str) -> Result<(String, u16, bool), String> {
     // The URL itself is never echoed: a password may have been written into it.
     let url = url::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
     let tls = match url.scheme() {

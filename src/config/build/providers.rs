@@ -217,12 +217,12 @@ pub(super) fn build_providers(
 
 /// Labels and secrets already taken, by the field path of the key that took them.
 #[derive(Default)]
-pub(super) struct SeenKeys {
-    pub(super) labels: HashMap<String, String>,
-    pub(super) secrets: Vec<(Secret, String)>,
+struct SeenKeys {
+    labels: HashMap<String, String>,
+    secrets: Vec<(Secret, String)>,
 }
 
-pub(super) fn check_base_url(text: &str) -> Result<(), String> {
+fn check_base_url(text: &str) -> Result<(), String> {
     // The URL is never echoed: a key may have been pasted into it.
     let url = url::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -243,7 +243,7 @@ pub(super) fn check_base_url(text: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn build_limits(raw: RawLimits, field: &str, c: &mut Checker<'_>) -> ModelLimits {
+fn build_limits(raw: RawLimits, field: &str, c: &mut Checker<'_>) -> ModelLimits {
     let mut limit = |value: Option<Spanned<u64>>, name: &str| {
         value.map(|value| {
             if *value.get_ref() == 0 {
@@ -264,7 +264,7 @@ pub(super) fn build_limits(raw: RawLimits, field: &str, c: &mut Checker<'_>) -> 
     }
 }
 
-pub(super) fn build_key(
+fn build_key(
     key: Spanned<RawKey>,
     path: &str,
     base: &Path,
