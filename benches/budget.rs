@@ -915,6 +915,7 @@ fn provider(
         base_url: "http://127.0.0.1:9".to_owned(),
         daily_reset: reset,
         timeout: Duration::from_secs(60),
+        max_concurrency: keyrelay::config::DEFAULT_MAX_CONCURRENCY,
         models: BTreeMap::from([(model.to_owned(), limits)]),
         keys: (1..=n)
             .map(|i| KeyConfig {

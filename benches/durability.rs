@@ -64,6 +64,7 @@ fn config() -> Config {
         base_url: "http://127.0.0.1:9".to_owned(),
         daily_reset: DailyReset::Rolling,
         timeout: Duration::from_secs(60),
+        max_concurrency: keyrelay::config::DEFAULT_MAX_CONCURRENCY,
         models: BTreeMap::from([(MODEL.to_owned(), LIMITS)]),
         keys: (1..=KEYS)
             .map(|i| KeyConfig {

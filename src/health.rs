@@ -205,6 +205,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::ledger::Remaining;
     use LightState::{Blink, Off, On};
 
     fn key(label: &str, state: KeyState, fraction: f64) -> KeyReport {

@@ -46,6 +46,7 @@ pub(crate) fn provider(
         base_url: "http://127.0.0.1:9".to_owned(),
         daily_reset: reset,
         timeout: Duration::from_secs(60),
+        max_concurrency: crate::config::DEFAULT_MAX_CONCURRENCY,
         models: models.iter().map(|(m, l)| ((*m).to_owned(), *l)).collect(),
         keys: keys
             .iter()

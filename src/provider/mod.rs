@@ -589,6 +589,7 @@ mod tests {
             base_url: base_url.to_owned(),
             daily_reset: DailyReset::Rolling,
             timeout,
+            max_concurrency: crate::config::DEFAULT_MAX_CONCURRENCY,
             models: BTreeMap::new(),
             keys: Vec::new(),
         }

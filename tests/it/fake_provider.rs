@@ -980,6 +980,7 @@ mod tests {
             base_url: fake.base_url(),
             daily_reset: DailyReset::Rolling,
             timeout,
+            max_concurrency: keyrelay::config::DEFAULT_MAX_CONCURRENCY,
             models: BTreeMap::new(),
             keys: Vec::new(),
         })
